@@ -1,0 +1,98 @@
+"""autograd.Functions over the custom ops, so torch.func transforms work too.
+
+The custom ops' own autograd rule (``registry.py``) serves ``opcheck`` and direct op users;
+functorch transforms (``grad``, ``vjp``, ``vmap``) need a new-style ``autograd.Function`` with
+``setup_context`` whose backward is itself a Function, and hand-written vmap rules: a vmapped
+dimension simply joins the batch dimension (images are independent).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from brnpa_triton.ops.registry import brnpa_backward, brnpa_forward
+
+
+def _fold(t: torch.Tensor, bdim: int | None, size: int) -> torch.Tensor:
+    """Move the vmapped dim to the front and merge it with the batch dim."""
+    if bdim is None:
+        t = t.expand(size, *t.shape)
+    else:
+        t = t.movedim(bdim, 0)
+    return t.reshape(size * t.shape[1], *t.shape[2:])
+
+
+def _unfold(t: torch.Tensor, size: int) -> torch.Tensor:
+    return t.reshape(size, t.shape[0] // size, *t.shape[1:])
+
+
+class BRNPAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(x, num_parts, refine, seed_indices, backend):
+        return brnpa_forward(x, num_parts, refine, seed_indices, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, refine, _, backend = inputs
+        vectors, maps, indices, norms, inv_sums = output
+        ctx.save_for_backward(x, vectors, maps, indices, norms, inv_sums)
+        ctx.refine, ctx.backend = refine, backend
+        ctx.mark_non_differentiable(indices, inv_sums)
+
+    @staticmethod
+    def backward(ctx, grad_vectors, grad_maps, _grad_indices, grad_norms, _grad_inv_sums):
+        x, vectors, maps, indices, norms, inv_sums = ctx.saved_tensors
+        grad_x = BRNPABackwardFunction.apply(
+            x, grad_vectors, grad_maps, grad_norms, vectors, maps, indices, norms, inv_sums,
+            ctx.refine, ctx.backend,
+        )
+        return grad_x, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, num_parts, refine, seed_indices, backend):
+        x_dim, _, _, seeds_dim, _ = in_dims
+        size = info.batch_size
+        x = _fold(x, x_dim, size)
+        if seed_indices.numel() or seeds_dim is not None:
+            seed_indices = _fold(seed_indices, seeds_dim, size)
+        out = BRNPAFunction.apply(x, num_parts, refine, seed_indices, backend)
+        return tuple(_unfold(t, size) for t in out), (0,) * len(out)
+
+
+def _zeros_if_none(grad, like):
+    return torch.zeros_like(like) if grad is None else grad
+
+
+class BRNPABackwardFunction(torch.autograd.Function):
+    """Launches the backward op; a Function so that torch.func.grad can trace through it.
+
+    Second derivatives are not implemented (BR-NPA is used as a first-order layer).
+    """
+
+    @staticmethod
+    def forward(x, grad_vectors, grad_maps, grad_norms, vectors, maps, indices, norms, inv_sums, refine, backend):
+        return brnpa_backward(
+            x,
+            _zeros_if_none(grad_vectors, vectors),
+            _zeros_if_none(grad_maps, maps),
+            _zeros_if_none(grad_norms, norms),
+            vectors, maps, indices, norms, inv_sums, refine, backend,
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("brnpa_triton: double backward (gradients of gradients) is not supported")
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        size = info.batch_size
+        tensors = [
+            _fold(arg, dim, size) if isinstance(arg, torch.Tensor) else arg
+            for arg, dim in zip(args, in_dims)
+        ]
+        grad_x = BRNPABackwardFunction.apply(*tensors)
+        return _unfold(grad_x, size), 0

@@ -1,0 +1,137 @@
+"""Vectorised PyTorch BR-NPA: the CPU fast path (and the fallback for any device).
+
+Everything works on ``x`` of shape (B, C, N) with whatever strides the caller's layout gives
+(NCHW, channels_last and (B, N, C) tokens are all views of this shape), so nothing is
+permuted or copied, except a single upcast of float16/bfloat16 inputs to float32.
+
+Forward: one pass for the norms, one matrix-vector pass per part, one pass for all refined
+vectors. Backward: the spec's closed form in four passes over X whatever K is; nothing of
+size (B, N, C) is saved, and the only (B, N, C) allocation is dX itself.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from brnpa_triton.ops.constants import DEGENERATE_SUM_RATIO, EPS
+
+
+class Forward(NamedTuple):
+    vectors: torch.Tensor  # (B, K, C) input dtype
+    maps: torch.Tensor  # (B, K, N) input dtype
+    indices: torch.Tensor  # (B, K) int64
+    norms: torch.Tensor  # (B, N) input dtype, ||x_n|| without eps
+    inv_sums: torch.Tensor  # (B, K) compute dtype: 1 / S_k, 0 for degenerate (uniform) parts
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulate in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gather_positions(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """x (B, C, N), indices (B, K) -> the feature vectors at those positions, (B, K, C)."""
+    B, C, _ = x.shape
+    return x.gather(2, indices[:, None, :].expand(B, C, -1)).transpose(1, 2)
+
+
+def forward(
+    x: torch.Tensor, num_parts: int, refine: bool, seed_indices: torch.Tensor | None = None
+) -> Forward:
+    """BR-NPA forward on x (B, C, N). ``seed_indices`` (B, K) replaces the greedy selection."""
+    B, C, N = x.shape
+    K = num_parts
+    xc = x.to(compute_dtype(x.dtype))  # no-op (no copy) for float32 / float64
+    norms = torch.linalg.vector_norm(xc, dim=1)
+    rho = norms + EPS
+    score = rho
+    maps = xc.new_empty(B, K, N)
+    inv_sums = xc.new_empty(B, K)
+    indices = torch.empty(B, K, dtype=torch.int64, device=x.device)
+    for k in range(K):
+        idx = score.argmax(dim=1) if seed_indices is None else seed_indices[:, k]
+        indices[:, k] = idx
+        seed = xc.gather(2, idx[:, None, None].expand(B, C, 1))  # (B, C, 1)
+        dots = torch.bmm(seed.transpose(1, 2), xc).squeeze(1)  # (B, N): one pass over X
+        rho_seed = rho.gather(1, idx[:, None])
+        sim = dots / (rho * rho_seed)
+        total = sim.sum(dim=1)
+        degenerate = total.abs() <= DEGENERATE_SUM_RATIO * sim.abs().sum(dim=1)
+        inv = torch.where(degenerate, 0.0, 1.0 / torch.where(degenerate, 1.0, total))
+        inv_sums[:, k] = inv
+        maps[:, k] = torch.where(degenerate[:, None], 1.0 / N, sim * inv[:, None])
+        if seed_indices is None:
+            score = score * (1.0 - sim)
+    if refine:
+        vectors = torch.bmm(maps, xc.transpose(1, 2))  # (B, K, C): one pass over X for all parts
+    else:
+        vectors = _gather_positions(xc, indices)
+    return Forward(
+        vectors.to(x.dtype), maps.to(x.dtype), indices, norms.to(x.dtype), inv_sums
+    )
+
+
+def backward(
+    x: torch.Tensor,
+    grad_vectors: torch.Tensor | None,
+    grad_maps: torch.Tensor | None,
+    grad_norms: torch.Tensor | None,
+    saved: Forward,
+    refine: bool,
+) -> torch.Tensor:
+    """dL/dx (B, C, N), in x's dtype, from the spec's closed form.
+
+    Gradients of outputs that did not reach the loss may be None.
+    """
+    B, C, N = x.shape
+    K = saved.indices.shape[1]
+    ct = compute_dtype(x.dtype)
+    xc = x.to(ct)
+    maps = saved.maps.to(ct)
+    norms = saved.norms.to(ct)
+    rho = norms + EPS
+    seeds = _gather_positions(xc, saved.indices)  # r_k, (B, K, C)
+    rho_seed = rho.gather(1, saved.indices)
+    seed_norm = norms.gather(1, saved.indices)
+    g_vec = xc.new_zeros(B, K, C) if grad_vectors is None else grad_vectors.to(ct)
+    g_map = xc.new_zeros(B, K, N) if grad_maps is None else grad_maps.to(ct)
+
+    # Pass 1: the seed dot products (to rebuild sim) and, when refining, gV_k . x_n.
+    lhs = torch.cat([seeds, g_vec], 1) if refine else seeds
+    products = torch.bmm(lhs, xc)  # (B, 2K or K, N)
+    sim = products[:, :K] / (rho[:, None, :] * rho_seed[:, :, None])
+    if refine:
+        abar = g_map + products[:, K:]
+        total = (g_map * maps).sum(-1) + (g_vec * saved.vectors.to(ct)).sum(-1)
+    else:
+        abar = g_map
+        total = (g_map * maps).sum(-1)
+    # simbar is 0 for degenerate parts (inv_sums == 0): their uniform maps have no gradient.
+    simbar = (abar - total[..., None]) * saved.inv_sums.to(ct)[..., None]
+    simbar_over_rho = simbar / rho[:, None, :]
+
+    # Pass 2: u_k = sum_n simbar_kn x_n / rho_n, the seed rows' share.
+    u = torch.bmm(simbar_over_rho, xc.transpose(1, 2))  # (B, K, C)
+    w = (simbar * sim).sum(-1)
+
+    # Passes 3-4: dx_n = c_n x_n / ||x_n|| + sum_k [a_kn gV_k + simbar_kn r_k / (rho_n rho_ik)]
+    radial = -(simbar_over_rho * sim).sum(1)  # coefficient of x_n / ||x_n||
+    if grad_norms is not None:
+        radial = radial + grad_norms.to(ct)
+    radial = torch.where(norms > 0, radial / torch.where(norms > 0, norms, 1.0), 0.0)
+    dx = xc * radial[:, None, :]
+    seeds_scaled = seeds / rho_seed[..., None]
+    if refine:
+        dx.baddbmm_(torch.cat([g_vec, seeds_scaled], 1).transpose(1, 2), torch.cat([maps, simbar_over_rho], 1))
+    else:
+        dx.baddbmm_(seeds_scaled.transpose(1, 2), simbar_over_rho)
+
+    # Seed rows: dx_ik += u_k / rho_ik - w_k r_k / (rho_ik ||r_k||); accumulate on repeats.
+    inv_seed_norm = torch.where(seed_norm > 0, 1.0 / (rho_seed * torch.where(seed_norm > 0, seed_norm, 1.0)), 0.0)
+    seed_grad = u / rho_seed[..., None] - (w * inv_seed_norm)[..., None] * seeds
+    if not refine:
+        seed_grad = seed_grad + g_vec
+    dx.scatter_add_(2, saved.indices[:, None, :].expand(B, C, K), seed_grad.transpose(1, 2))
+    return dx.to(x.dtype)
