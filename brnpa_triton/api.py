@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from brnpa_triton import _validation as check
-from brnpa_triton.backends import resolve_backend
+from brnpa_triton.dispatch import resolve_backend
 from brnpa_triton.ops.autograd import BRNPAFunction
 
 

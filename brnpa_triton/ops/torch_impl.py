@@ -67,7 +67,7 @@ def forward(
     if refine:
         vectors = torch.bmm(maps, xc.transpose(1, 2))  # (B, K, C): one pass over X for all parts
     else:
-        vectors = _gather_positions(xc, indices)
+        vectors = _gather_positions(xc, indices).contiguous()  # outputs are contiguous (B, K, C)
     return Forward(
         vectors.to(x.dtype), maps.to(x.dtype), indices, norms.to(x.dtype), inv_sums
     )

@@ -1,4 +1,7 @@
-"""Which implementation runs: "torch" (vectorised PyTorch) or "triton" (fused kernels)."""
+"""Which implementation runs: "torch" (vectorised PyTorch) or "triton" (fused kernels).
+
+(Not named backends.py: torch.compile skips any path matching "triton/backends".)
+"""
 
 from __future__ import annotations
 
