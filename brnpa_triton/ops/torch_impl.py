@@ -37,6 +37,21 @@ def _gather_positions(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return x.gather(2, indices[:, None, :].expand(B, C, -1)).transpose(1, 2)
 
 
+def _norms(x: torch.Tensor, channel_block: int = 128) -> torch.Tensor:
+    """||x_n|| over C for x (B, C, N), in one pass without an (B, C, N) temporary.
+
+    ``vector_norm`` is fast when C is the contiguous dim (channels_last, tokens) but takes a
+    slow strided path over NCHW's C; there, squares are summed a block of channels at a time
+    (each block's temporary stays in cache).
+    """
+    if x.stride(1) == 1:
+        return torch.linalg.vector_norm(x, dim=1)
+    squared = torch.zeros(x.shape[0], x.shape[2], dtype=x.dtype, device=x.device)
+    for block in x.split(channel_block, dim=1):
+        squared += block.square().sum(1)
+    return squared.sqrt_()
+
+
 def forward(
     x: torch.Tensor, num_parts: int, refine: bool, seed_indices: torch.Tensor | None = None
 ) -> Forward:
@@ -44,7 +59,7 @@ def forward(
     B, C, N = x.shape
     K = num_parts
     xc = x.to(compute_dtype(x.dtype))  # no-op (no copy) for float32 / float64
-    norms = torch.linalg.vector_norm(xc, dim=1)
+    norms = _norms(xc)
     rho = norms + EPS
     score = rho
     maps = xc.new_empty(B, K, N)
