@@ -1,4 +1,5 @@
-"""`python -m brnpa_triton --self-check`: which backends run here, and a quick correctness check."""
+"""`python -m brnpa_triton`: the end-to-end demo (see brnpa_triton.demo; `--help` for its options).
+`python -m brnpa_triton --self-check`: which backends run here, and a quick correctness check."""
 
 from __future__ import annotations
 
@@ -47,5 +48,25 @@ def self_check() -> int:
     return 1 if failed else 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--self-check" in argv:
+        if len(argv) != 1:
+            print("usage: python -m brnpa_triton --self-check (takes no other argument)", file=sys.stderr)
+            return 2
+        return self_check()
+    try:
+        from brnpa_triton.demo import main as demo_main
+    except ImportError as e:  # pragma: no cover - the demo module itself has no extra import at load
+        print(f"the demo needs the 'demo' extra: pip install 'brnpa-triton[demo]' ({e})", file=sys.stderr)
+        return 1
+    try:
+        demo_main(argv)
+    except ImportError as e:
+        print(f"the demo needs the 'demo' extra: pip install 'brnpa-triton[demo]' ({e})", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(self_check())
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from brnpa_triton.demo import main
+
+main()

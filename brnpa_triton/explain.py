@@ -1,0 +1,228 @@
+"""Explanations: BR-NPA saliency, upsampling, Grad-CAM, colour overlays and a stdlib PNG writer.
+
+Everything is computed in float32 (or float64 when given), whatever the features' dtype.
+Only torch, numpy and the standard library are needed (no matplotlib, OpenCV or Pillow).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brnpa_triton.api import BRNPAOutput
+
+__all__ = [
+    "saliency",
+    "upsample",
+    "normalize_maps",
+    "grad_cam",
+    "colormap",
+    "overlay",
+    "write_png",
+    "VIRIDIS",
+]
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def saliency(out: BRNPAOutput, parts: int | Sequence[int] | str | None = None) -> torch.Tensor:
+    """The paper's saliency: attention map 0 times the feature norm ``||x_n||``.
+
+    Returns (B, 1, H, W) for feature maps ((B, 1, N) for tokens). ``parts="all"`` gives every part
+    (B, K, H, W); an int or a sequence of ints selects those parts, in that order. The graph is kept
+    (call ``.detach()`` for plain maps); the result is float32 (float64 for float64 outputs).
+    """
+    maps, norms = _float(out.maps), _float(out.norms)
+    if parts is None:
+        maps = maps[:, :1]
+    elif isinstance(parts, str):
+        if parts != "all":
+            raise ValueError(f"parts must be None, 'all', an int or a sequence of ints; got {parts!r}")
+    else:
+        index = [parts] if isinstance(parts, int) else list(parts)
+        K = maps.shape[1]
+        if not index or any(not -K <= i < K for i in index):
+            raise ValueError(f"parts must index the {K} parts; got {parts!r}")
+        maps = maps[:, index]
+    return maps * norms.to(maps.dtype).unsqueeze(1)
+
+
+def upsample(saliency: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
+    """Resize (B, K, h, w) maps to ``size`` = (H, W) (or an int) in float.
+
+    ``mode="bilinear"`` (align_corners=False, the usual smooth display) or ``"nearest"`` (shows the
+    feature-map cells as the metrics see them).
+    """
+    if saliency.dim() != 4:
+        raise ValueError(f"saliency must be (B, K, h, w); got shape {tuple(saliency.shape)}")
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"mode must be 'bilinear' or 'nearest'; got {mode!r}")
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(_float(saliency), size=size, mode=mode, **kwargs)
+
+
+def normalize_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Min-max normalise each map (over its last two dims) to [0, 1]; constant maps become 0."""
+    maps = _float(maps)
+    lo = maps.amin(dim=(-2, -1), keepdim=True)
+    hi = maps.amax(dim=(-2, -1), keepdim=True)
+    return (maps - lo) / (hi - lo).clamp_min(eps)
+
+
+def grad_cam(
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: nn.Module,
+    target: torch.Tensor | None = None,
+    *,
+    relu: bool = True,
+) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017) of ``layer``'s (B, C, h, w) output, batched: (B, 1, h, w).
+
+    ``cam = ReLU(sum_c w_c A_c)`` with ``w_c`` the spatial mean of ``d logit_target / d A_c``.
+    ``target`` (B,) defaults to the predicted class. The layer's output is re-rooted as a leaf in
+    a forward hook, so frozen models work and no parameter's ``.grad`` is touched. Call
+    ``model.eval()`` first (batch-norm in training mode couples the images of a batch).
+    """
+    store = {}
+
+    def hook(_module, _inputs, output):
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            raise ValueError("grad_cam: the layer must output a (B, C, h, w) tensor")
+        leaf = output.detach().requires_grad_(True)
+        store["act"] = leaf
+        return leaf
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            logits = model(images)
+            if "act" not in store:
+                raise ValueError("grad_cam: the layer was not called by the model's forward")
+            if target is None:
+                target = logits.argmax(dim=1)
+            score = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
+            (grads,) = torch.autograd.grad(score, store["act"])
+    finally:
+        handle.remove()
+    act = _float(store["act"].detach())
+    weights = _float(grads).mean(dim=(2, 3), keepdim=True)
+    cam = (weights * act).sum(dim=1, keepdim=True)
+    return F.relu(cam) if relu else cam
+
+
+# matplotlib's viridis at 0, 0.1, ..., 1 (linear interpolation between these stops is within a few
+# 1/255 of the 256-entry table).
+VIRIDIS = np.array(
+    [
+        [0x44, 0x01, 0x54], [0x48, 0x24, 0x75], [0x41, 0x44, 0x87], [0x35, 0x5F, 0x8D],
+        [0x2A, 0x78, 0x8E], [0x21, 0x91, 0x8C], [0x22, 0xA8, 0x84], [0x44, 0xBF, 0x70],
+        [0x7A, 0xD1, 0x51], [0xBD, 0xDF, 0x26], [0xFD, 0xE7, 0x25],
+    ],
+    dtype=np.float64,
+) / 255.0
+
+
+def colormap(values, table: np.ndarray = VIRIDIS) -> np.ndarray:
+    """Map values in [0, 1] (clipped; NaN -> 0) to float RGB in [0, 1]: shape ``values.shape + (3,)``.
+
+    ``table`` is an (S, 3) array of evenly spaced colour stops, linearly interpolated (viridis by
+    default: perceptually uniform and readable in grey scale and by colour-blind readers).
+    """
+    v = np.nan_to_num(_to_numpy(values).astype(np.float64), nan=0.0)
+    v = np.clip(v, 0.0, 1.0) * (len(table) - 1)
+    lo = np.minimum(np.floor(v).astype(np.int64), len(table) - 2)
+    frac = (v - lo)[..., None]
+    return table[lo] * (1.0 - frac) + table[lo + 1] * frac
+
+
+def overlay(image, saliency_map, alpha: float = 0.5, *, normalize: bool = True, table: np.ndarray = VIRIDIS) -> np.ndarray:
+    """Blend a colour-mapped saliency map over an image: uint8 RGB (H, W, 3).
+
+    ``image``: float in [0, 1], (H, W, 3), (3, H, W), (H, W) or (1, H, W) (grey is replicated),
+    numpy or torch. ``saliency_map``: (h, w) (or with leading singleton dims), any size: it is
+    upsampled bilinearly to (H, W), min-max normalised (unless ``normalize=False``, then clipped
+    to [0, 1]) and coloured. ``out = (1 - alpha) * image + alpha * colour``.
+    """
+    img = _to_numpy(image).astype(np.float64)
+    if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
+        img = np.moveaxis(img, 0, -1)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim != 3 or img.shape[-1] not in (1, 3):
+        raise ValueError(f"image must be (H, W), (H, W, 3), (1 or 3, H, W); got shape {img.shape}")
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    H, W = img.shape[:2]
+    sal = torch.as_tensor(_to_numpy(saliency_map), dtype=torch.float64)
+    while sal.dim() > 2 and sal.shape[0] == 1:
+        sal = sal[0]
+    if sal.dim() != 2:
+        raise ValueError(f"saliency_map must be (h, w); got shape {tuple(sal.shape)}")
+    sal = upsample(sal[None, None], (H, W))[0, 0]
+    sal = normalize_maps(sal) if normalize else sal.clamp(0, 1)
+    colour = colormap(sal.numpy(), table)
+    out = (1.0 - alpha) * np.clip(img, 0.0, 1.0) + alpha * colour
+    return np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def write_png(path: str | os.PathLike, image) -> None:
+    """Write a uint8 image, (H, W) grey or (H, W, 3) RGB, as a PNG (stdlib zlib; no Pillow)."""
+    arr = _to_numpy(image)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"image must be uint8; got {arr.dtype} (see overlay() to convert float images)")
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        colour_type = 0
+    elif arr.ndim == 3 and arr.shape[-1] == 3:
+        colour_type = 2
+    else:
+        raise ValueError(f"image must be (H, W) or (H, W, 3); got shape {arr.shape}")
+    H, W = arr.shape[:2]
+    if H == 0 or W == 0:
+        raise ValueError("image must not be empty")
+    rows = np.ascontiguousarray(arr).reshape(H, -1)
+    raw = _filter_rows(rows, 3 if colour_type == 2 else 1).tobytes()
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", W, H, 8, colour_type, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _filter_rows(rows: np.ndarray, bpp: int) -> np.ndarray:
+    """PNG filtering per row: None (0), Sub (1) or Up (2), whichever has the smallest sum of
+    absolute (signed-byte) residuals, the usual heuristic. Returns (H, 1 + row bytes) uint8."""
+    r = rows.astype(np.int16)
+    sub = r.copy()
+    sub[:, bpp:] -= r[:, :-bpp]
+    up = r.copy()
+    up[1:] -= r[:-1]
+    cands = np.stack([r, sub, up]) % 256  # (3, H, L)
+    cost = np.minimum(cands, 256 - cands).sum(axis=2)  # |signed byte|
+    choice = cost.argmin(axis=0)  # (H,)
+    chosen = cands[choice, np.arange(len(rows))].astype(np.uint8)
+    return np.concatenate([choice[:, None].astype(np.uint8), chosen], axis=1)
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
