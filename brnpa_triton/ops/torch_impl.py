@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from brnpa_triton.ops.hugepages import empty_like_hugepages
+
 from brnpa_triton.ops.constants import DEGENERATE_SUM_RATIO, EPS
 
 
@@ -37,50 +39,91 @@ def _gather_positions(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return x.gather(2, indices[:, None, :].expand(B, C, -1)).transpose(1, 2)
 
 
-def _norms(x: torch.Tensor, channel_block: int = 128) -> torch.Tensor:
+def _norms(x: torch.Tensor, block_bytes: int = 8 << 20) -> torch.Tensor:
     """||x_n|| over C for x (B, C, N), in one pass without an (B, C, N) temporary.
 
     ``vector_norm`` is fast when C is the contiguous dim (channels_last, tokens) but takes a
-    slow strided path over NCHW's C; there, squares are summed a block of channels at a time
-    (each block's temporary stays in cache).
+    slow strided path over NCHW's C; there, squares are summed a block of channels at a time,
+    each block's temporary at most a few MB (in cache, and few enough ops to keep threads busy).
     """
     if x.stride(1) == 1:
         return torch.linalg.vector_norm(x, dim=1)
-    squared = torch.zeros(x.shape[0], x.shape[2], dtype=x.dtype, device=x.device)
-    for block in x.split(channel_block, dim=1):
+    B, C, N = x.shape
+    # At most a quarter of X, so that small inputs get no X-sized temporary either.
+    channels = max(1, min(block_bytes // (B * N * x.element_size()), C // 4))
+    squared = torch.zeros(B, N, dtype=x.dtype, device=x.device)
+    for block in x.split(channels, dim=1):
         squared += block.square().sum(1)
     return squared.sqrt_()
+
+
+def _weighted_sums(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_n weights_kn x_n for x (B, C, N), weights (B, K, N): (B, K, C) contiguous, one pass.
+
+    The product is oriented so that BLAS streams X along its contiguous dim (measured ~2x
+    faster at 1 thread for NCHW than the (B,K,N) @ (B,N,C) form).
+    """
+    if x.stride(2) == 1:
+        return torch.bmm(x, weights.transpose(1, 2)).transpose(1, 2).contiguous()
+    return torch.bmm(weights, x.transpose(1, 2))
+
+
+# On CPU the batch is processed a few images at a time, so that each chunk of X stays in the
+# last-level cache across its passes and only the first pass reads DRAM (at (8, 2048, 28x28)
+# on the 2-core dev machine: forward 8.4 -> ~7.3 ms).
+CACHE_CHUNK_BYTES = 16 << 20
+
+
+def _batch_chunks(x: torch.Tensor) -> list[slice]:
+    B, C, N = x.shape
+    if x.device.type != "cpu":
+        return [slice(0, B)]
+    per_image = C * N * torch.empty((), dtype=compute_dtype(x.dtype)).element_size()
+    step = max(1, CACHE_CHUNK_BYTES // per_image)
+    return [slice(i, min(i + step, B)) for i in range(0, B, step)]
 
 
 def forward(
     x: torch.Tensor, num_parts: int, refine: bool, seed_indices: torch.Tensor | None = None
 ) -> Forward:
     """BR-NPA forward on x (B, C, N). ``seed_indices`` (B, K) replaces the greedy selection."""
+    chunks = [
+        _forward_images(x[s], num_parts, refine, None if seed_indices is None else seed_indices[s])
+        for s in _batch_chunks(x)
+    ]
+    if len(chunks) == 1:
+        return chunks[0]
+    return Forward(*(torch.cat(outputs) for outputs in zip(*chunks)))
+
+
+def _forward_images(
+    x: torch.Tensor, num_parts: int, refine: bool, seed_indices: torch.Tensor | None
+) -> Forward:
     B, C, N = x.shape
     K = num_parts
     xc = x.to(compute_dtype(x.dtype))  # no-op (no copy) for float32 / float64
     norms = _norms(xc)
     rho = norms + EPS
     score = rho
-    maps = xc.new_empty(B, K, N)
-    inv_sums = xc.new_empty(B, K)
-    indices = torch.empty(B, K, dtype=torch.int64, device=x.device)
+    sims = xc.new_empty(B, K, N)
+    chosen = []
     for k in range(K):
+        # Only what the next selection needs stays in the loop; the per-part normalisation
+        # is done for all parts at once below (the loop's ops are small and their count shows).
         idx = score.argmax(dim=1) if seed_indices is None else seed_indices[:, k]
-        indices[:, k] = idx
+        chosen.append(idx)
         seed = xc.gather(2, idx[:, None, None].expand(B, C, 1))  # (B, C, 1)
         dots = torch.bmm(seed.transpose(1, 2), xc).squeeze(1)  # (B, N): one pass over X
-        rho_seed = rho.gather(1, idx[:, None])
-        sim = dots / (rho * rho_seed)
-        total = sim.sum(dim=1)
-        degenerate = total.abs() <= DEGENERATE_SUM_RATIO * sim.abs().sum(dim=1)
-        inv = torch.where(degenerate, 0.0, 1.0 / torch.where(degenerate, 1.0, total))
-        inv_sums[:, k] = inv
-        maps[:, k] = torch.where(degenerate[:, None], 1.0 / N, sim * inv[:, None])
+        sim = torch.div(dots, rho * rho.gather(1, idx[:, None]), out=sims[:, k])
         if seed_indices is None:
-            score = score * (1.0 - sim)
+            score = score.addcmul(score, sim, value=-1.0)  # s * (1 - sim)
+    indices = torch.stack(chosen, 1)
+    totals = sims.sum(dim=2)
+    degenerate = totals.abs() <= DEGENERATE_SUM_RATIO * sims.abs().sum(dim=2)
+    inv_sums = torch.where(degenerate, 0.0, torch.where(degenerate, 1.0, totals).reciprocal())
+    maps = torch.where(degenerate[..., None], 1.0 / N, sims * inv_sums[..., None])
     if refine:
-        vectors = torch.bmm(maps, xc.transpose(1, 2))  # (B, K, C): one pass over X for all parts
+        vectors = _weighted_sums(xc, maps)  # one pass over X for all parts
     else:
         vectors = _gather_positions(xc, indices).contiguous()  # outputs are contiguous (B, K, C)
     return Forward(
@@ -96,10 +139,26 @@ def backward(
     saved: Forward,
     refine: bool,
 ) -> torch.Tensor:
-    """dL/dx (B, C, N), in x's dtype, from the spec's closed form.
+    """dL/dx (B, C, N), in x's dtype (and strides, for dense x), from the spec's closed form.
 
     Gradients of outputs that did not reach the loss may be None.
     """
+    dx = empty_like_hugepages(x)  # fresh, so huge pages spare it most first-touch page faults
+    for s in _batch_chunks(x):
+        _backward_images(
+            x[s],
+            None if grad_vectors is None else grad_vectors[s],
+            None if grad_maps is None else grad_maps[s],
+            None if grad_norms is None else grad_norms[s],
+            Forward(*(t[s] for t in saved)),
+            refine,
+            out=dx[s],
+        )
+    return dx
+
+
+def _backward_images(x, grad_vectors, grad_maps, grad_norms, saved: Forward, refine: bool, out: torch.Tensor):
+    """Writes dL/dx of these images into ``out``."""
     B, C, N = x.shape
     K = saved.indices.shape[1]
     ct = compute_dtype(x.dtype)
@@ -128,7 +187,7 @@ def backward(
     simbar_over_rho = simbar / rho[:, None, :]
 
     # Pass 2: u_k = sum_n simbar_kn x_n / rho_n, the seed rows' share.
-    u = torch.bmm(simbar_over_rho, xc.transpose(1, 2))  # (B, K, C)
+    u = _weighted_sums(xc, simbar_over_rho)  # (B, K, C)
     w = (simbar * sim).sum(-1)
 
     # Passes 3-4: dx_n = c_n x_n / ||x_n|| + sum_k [a_kn gV_k + simbar_kn r_k / (rho_n rho_ik)]
@@ -136,7 +195,8 @@ def backward(
     if grad_norms is not None:
         radial = radial + grad_norms.to(ct)
     radial = torch.where(norms > 0, radial / torch.where(norms > 0, norms, 1.0), 0.0)
-    dx = xc * radial[:, None, :]
+    dx = out if out.dtype == ct else torch.empty_like(xc)
+    torch.mul(xc, radial[:, None, :], out=dx)
     seeds_scaled = seeds / rho_seed[..., None]
     if refine:
         dx.baddbmm_(torch.cat([g_vec, seeds_scaled], 1).transpose(1, 2), torch.cat([maps, simbar_over_rho], 1))
@@ -149,4 +209,5 @@ def backward(
     if not refine:
         seed_grad = seed_grad + g_vec
     dx.scatter_add_(2, saved.indices[:, None, :].expand(B, C, K), seed_grad.transpose(1, 2))
-    return dx.to(x.dtype)
+    if dx is not out:
+        out.copy_(dx)
