@@ -1,0 +1,355 @@
+#!/usr/bin/env python
+"""One-command GPU check of the fused Triton kernels (no installs; < 5 min on one H100).
+
+    python scripts/gpu_check.py                # correctness, CUDA graphs, timings, then bench --quick
+    python scripts/gpu_check.py --no-bench     # skip ``python -m bench.run --quick``
+    python scripts/gpu_check.py --pytest       # also run tests/test_triton_kernels.py on CUDA
+
+1. correctness on CUDA of ``triton_impl.forward/backward`` against the float64 PyTorch path
+   (same seeds), for float32 / bfloat16 / float16, NCHW / channels_last / tokens, refine on
+   and off, greedy and given seeds, odd and realistic shapes; outputs are NaN-poisoned first,
+   so an unwritten element fails; dX must keep x's strides; two runs must agree bitwise;
+2. forward + backward captured in a CUDA graph and replayed (no host synchronisation);
+3. timings of the kernels vs the vectorised PyTorch path at the KERNEL_NOTES shapes, with the
+   effective bandwidth of one read of X;
+4. ``python -m bench.run --quick`` (when bench/ exists), in what is left of the time budget.
+
+Writes ``$OUT/gpu_check.json`` (or ``bench/results/gpu_check.json`` without $OUT) and prints
+a short table last. Exit status 1 if any correctness check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels, before triton is imported
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from brnpa_triton.ops import torch_impl, triton_impl  # noqa: E402
+from brnpa_triton.ops.constants import EPS  # noqa: E402
+
+T0 = time.time()
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-9}
+DNAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def elapsed() -> float:
+    return time.time() - T0
+
+
+def log(msg: str) -> None:
+    print(f"[{elapsed():6.1f}s] {msg}", flush=True)
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+def make_x(B, C, H, W, dtype, layout, seed):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).relu().to(dtype)
+    if layout == "nchw":
+        f = v.cuda()
+    elif layout == "channels_last":
+        f = v.cuda().contiguous(memory_format=torch.channels_last)
+    elif layout == "tokens":
+        return v.flatten(2).transpose(1, 2).contiguous().cuda().transpose(1, 2)  # (B, N, C) tokens as (B, C, N)
+    else:
+        raise ValueError(layout)
+    return f.flatten(2)
+
+
+def check_greedy(x, indices, rel):
+    """Seeds are, part by part, the float64 greedy argmax up to ``rel`` of the score range."""
+    xd = x.double()
+    B, C, N = xd.shape
+    rho = torch.linalg.vector_norm(xd, dim=1) + EPS
+    score = rho.clone()
+    for k in range(indices.shape[1]):
+        i = indices[:, k]
+        best = score.max(dim=1).values
+        spread = best - score.min(dim=1).values + best.abs()
+        chosen = score.gather(1, i[:, None])[:, 0]
+        if not bool(torch.all(chosen >= best - rel * spread)):
+            return False
+        seed = xd.gather(2, i[:, None, None].expand(B, C, 1))
+        sim = (seed * xd).sum(1) / (rho * rho.gather(1, i[:, None]))
+        score = score * (1 - sim)
+    return True
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    if not bool(torch.isfinite(a).all()):
+        return float("inf")
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / max(scale, 1e-30)
+
+
+def poison():
+    """NaN-poison the launchers' allocations (restored by the returned function)."""
+    saved = (triton_impl._empty, triton_impl._empty_like, triton_impl._workspace)
+
+    def empty(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(-7) if dtype == torch.int64 else t.fill_(float("nan"))
+
+    triton_impl._empty = empty
+    triton_impl._empty_like = lambda x: torch.empty_like(x).fill_(float("nan"))
+    triton_impl._workspace = lambda n, dtype, device: torch.full((max(n, 1),), float("nan"), dtype=dtype, device=device)
+
+    def restore():
+        triton_impl._empty, triton_impl._empty_like, triton_impl._workspace = saved
+
+    return restore
+
+
+# ---- 1. correctness --------------------------------------------------------------------------
+
+def correctness_case(B, C, H, W, K, dtype, layout, refine, given, seed=0):
+    x = make_x(B, C, H, W, dtype, layout, seed)
+    N = H * W
+    seeds = None
+    if given:
+        g = torch.Generator().manual_seed(seed + 1)
+        seeds = torch.randint(0, N, (B, K), generator=g).cuda()
+    out = triton_impl.forward(x, K, refine, seeds)
+    torch.cuda.synchronize()
+    ok_idx = bool(((out.indices >= 0) & (out.indices < N)).all())
+    if ok_idx:
+        ok_idx = torch.equal(out.indices, seeds) if given else check_greedy(x, out.indices, 1e-4)
+    x64 = x.double()
+    ref = torch_impl.forward(x64, K, refine, out.indices if ok_idx else None)
+    cond = float(ref.maps.abs().sum(-1).max())
+    tol = TOL[dtype] * cond
+    e_fwd = max(rel_err(out.vectors, ref.vectors), rel_err(out.maps, ref.maps), rel_err(out.norms, ref.norms),
+                rel_err(out.inv_sums, ref.inv_sums))
+    g = torch.Generator().manual_seed(seed + 7)
+    grads = [torch.randn(*s, generator=g, dtype=torch.float64).cuda() for s in ((B, K, C), (B, K, N), (B, N))]
+    dx = triton_impl.backward(x, *(t.to(dtype) for t in grads), out, refine)
+    torch.cuda.synchronize()
+    dx_ref = torch_impl.backward(x64, *(t.to(dtype).double() for t in grads), ref, refine)
+    e_bwd = rel_err(dx, dx_ref)
+    if dx_ref.abs().max() > 0.5 * torch.finfo(dtype).max:  # float16 overflow (rho_n = eps at zeros)
+        e_bwd = 0.0 if bool(torch.equal(torch.isinf(dx), torch.isinf(dx_ref.to(dtype)))) else float("inf")
+    strides_ok = dx.stride() == x.stride()
+    again = triton_impl.forward(x, K, refine, seeds)
+    dx2 = triton_impl.backward(x, *(t.to(dtype) for t in grads), again, refine)
+    deterministic = all(torch.equal(a, b) for a, b in zip(out, again)) and torch.equal(dx, dx2)
+    ok = ok_idx and e_fwd <= tol and e_bwd <= tol * cond and strides_ok and deterministic
+    return dict(check="correctness", shape=f"{B}x{C}x{H}x{W} K={K}", dtype=DNAME[dtype], layout=layout,
+                refine=refine, seeds="given" if given else "greedy", fwd_err=e_fwd, bwd_err=e_bwd, tol=tol,
+                indices_ok=ok_idx, strides_ok=strides_ok, deterministic=deterministic, ok=ok)
+
+
+def run_correctness(results):
+    restore = poison()
+    try:
+        cases = []
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for layout in ("nchw", "channels_last", "tokens"):
+                for refine in (True, False):
+                    cases.append(((3, 40, 5, 7, 3), dtype, layout, refine, False))
+                cases.append(((4, 256, 14, 14, 3), dtype, layout, True, False))
+            cases.append(((2, 96, 9, 9, 6), dtype, "nchw", True, False))  # K > 4: parts in groups of 8
+            cases.append(((3, 40, 5, 7, 3), dtype, "channels_last", True, True))
+        cases.append(((2, 2048, 28, 28, 3), torch.float32, "channels_last", True, False))
+        cases.append(((2, 2048, 28, 28, 3), torch.float32, "nchw", False, True))
+        cases.append(((1, 1, 1, 1, 1), torch.float32, "nchw", True, False))
+        cases.append(((2, 7, 3, 3, 9), torch.float64, "tokens", True, False))
+        for shape, dtype, layout, refine, given in cases:
+            try:
+                r = correctness_case(*shape, dtype, layout, refine, given)
+            except Exception as e:  # reported as a failure, the check goes on
+                r = dict(check="correctness", shape=str(shape), dtype=DNAME[dtype], layout=layout, refine=refine,
+                         seeds="given" if given else "greedy", ok=False, error=f"{type(e).__name__}: {e}")
+                traceback.print_exc()
+            results.append(r)
+            log(f"{'ok  ' if r['ok'] else 'FAIL'} {r['shape']:22} {r['dtype']} {r['layout']:13} refine={refine!s:5} "
+                f"{r['seeds']:6} fwd_err={r.get('fwd_err', float('nan')):.2e} bwd_err={r.get('bwd_err', float('nan')):.2e}")
+    finally:
+        restore()
+
+
+# ---- 2. CUDA graphs --------------------------------------------------------------------------
+
+def run_graph(results):
+    try:
+        x = make_x(4, 128, 14, 14, torch.float32, "channels_last", 3)
+        B, C, N = x.shape
+        gv, ga, gn = torch.randn(B, 3, C, device="cuda"), torch.randn(B, 3, N, device="cuda"), torch.randn(B, N, device="cuda")
+        eager = triton_impl.forward(x, 3, True)
+        eager_dx = triton_impl.backward(x, gv, ga, gn, eager, True)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up (compilation) outside the capture
+            out = triton_impl.forward(x, 3, True)
+            triton_impl.backward(x, gv, ga, gn, out, True)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = triton_impl.forward(x, 3, True)
+            dx = triton_impl.backward(x, gv, ga, gn, out, True)
+        graph.replay()
+        torch.cuda.synchronize()
+        ok = all(torch.equal(a, b) for a, b in zip(out, eager)) and torch.equal(dx, eager_dx)
+        results.append(dict(check="cuda_graph", ok=ok))
+    except Exception as e:
+        traceback.print_exc()
+        results.append(dict(check="cuda_graph", ok=False, error=f"{type(e).__name__}: {e}"))
+    log(f"cuda graph capture/replay: {'ok' if results[-1]['ok'] else 'FAIL'}")
+
+
+# ---- 3. timings ------------------------------------------------------------------------------
+
+def time_fn(fn, budget=0.5):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t = time.time()
+    reps = 0
+    times = []
+    while time.time() - t < budget and reps < 200:
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+        reps += 1
+    times.sort()
+    return times[len(times) // 2]
+
+
+def run_timings(results, budget_s):
+    shapes = [(32, 2048, 14, 14), (64, 512, 28, 28), (16, 2048, 56, 56)]
+    K = 3
+    for B, C, H, W in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            for layout in ("nchw", "channels_last"):
+                if elapsed() > budget_s:
+                    log("timings: budget spent, skipping the rest")
+                    return
+                try:
+                    x = make_x(B, C, H, W, dtype, layout, 0)
+                    N = H * W
+                    gv, ga, gn = (torch.randn(*s, device="cuda", dtype=dtype) for s in ((B, K, C), (B, K, N), (B, N)))
+                    row = dict(check="timing", shape=f"{B}x{C}x{H}x{W}", dtype=DNAME[dtype], layout=layout, K=K)
+                    for name, mod in (("triton", triton_impl), ("torch", torch_impl)):
+                        fwd = lambda: mod.forward(x, K, True)  # noqa: E731
+                        saved = fwd()
+                        bwd = lambda: mod.backward(x, gv, ga, gn, saved, True)  # noqa: E731
+                        row[f"{name}_fwd_us"] = time_fn(fwd) * 1e6
+                        row[f"{name}_bwd_us"] = time_fn(bwd) * 1e6
+                    xbytes = x.numel() * x.element_size()
+                    row["x_MB"] = xbytes / 1e6
+                    # one read of X per forward (the floor), and read X + write dX per backward
+                    row["fwd_GBps_1read"] = xbytes / (row["triton_fwd_us"] * 1e-6) / 1e9
+                    row["bwd_GBps_rw"] = 2 * xbytes / (row["triton_bwd_us"] * 1e-6) / 1e9
+                    row["ok"] = True
+                    del x, gv, ga, gn
+                except Exception as e:
+                    traceback.print_exc()
+                    row = dict(check="timing", shape=f"{B}x{C}x{H}x{W}", dtype=DNAME[dtype], layout=layout,
+                               ok=False, error=f"{type(e).__name__}: {e}")
+                results.append(row)
+                if row["ok"]:
+                    log(f"time {row['shape']:16} {row['dtype']} {layout:13} triton fwd {row['triton_fwd_us']:8.1f}us "
+                        f"bwd {row['triton_bwd_us']:8.1f}us | torch fwd {row['torch_fwd_us']:8.1f}us "
+                        f"bwd {row['torch_bwd_us']:8.1f}us | {row['fwd_GBps_1read']:.0f} GB/s fwd (1 read)")
+                torch.cuda.empty_cache()
+
+
+# ---- 4. bench --------------------------------------------------------------------------------
+
+def run_bench(results, out_dir: Path, deadline_s: float):
+    if not (ROOT / "bench" / "run.py").exists():
+        results.append(dict(check="bench", ok=True, note="bench/run.py not found: skipped"))
+        return
+    left = deadline_s - elapsed()
+    if left < 30:
+        results.append(dict(check="bench", ok=True, note=f"skipped: only {left:.0f}s left"))
+        return
+    cmd = [sys.executable, "-m", "bench.run", "--quick", "--out", str(out_dir), "--no-plot", "--no-progress"]
+    log(f"bench: {' '.join(cmd[1:])} (timeout {left:.0f}s)")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=left)
+        tail = (p.stdout + p.stderr)[-3000:]
+        print(tail)
+        results.append(dict(check="bench", ok=p.returncode == 0, returncode=p.returncode, tail=tail[-1500:]))
+    except subprocess.TimeoutExpired:
+        results.append(dict(check="bench", ok=False, note=f"timed out after {left:.0f}s"))
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--pytest", action="store_true", help="also run tests/test_triton_kernels.py on CUDA")
+    ap.add_argument("--budget", type=float, default=285.0, help="seconds for the whole script (default 285)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; nothing to check (the CPU suite runs the interpreter)")
+        return 2
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    env = dict(torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name(),
+               capability=".".join(map(str, torch.cuda.get_device_capability())))
+    log(f"environment: {env}")
+    results: list[dict] = []
+    run_correctness(results)
+    run_graph(results)
+    if args.pytest:
+        p = subprocess.run([sys.executable, "-m", "pytest", "tests/test_triton_kernels.py", "-q", "-x"],
+                           cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True,
+                           timeout=max(30, args.budget * 0.4 - elapsed()))
+        print((p.stdout + p.stderr)[-3000:])
+        results.append(dict(check="pytest", ok=p.returncode == 0, tail=(p.stdout + p.stderr)[-1500:]))
+    run_timings(results, budget_s=args.budget * 0.45)
+    if not args.no_bench:
+        run_bench(results, out_dir, deadline_s=args.budget)
+    path = out_dir / "gpu_check.json"
+    path.write_text(json.dumps(dict(environment=env, results=results, seconds=elapsed()), indent=1, default=str))
+
+    # ---- the short table, last ----
+    print(f"\n== gpu_check on {env['device']} (torch {env['torch']}, triton {env['triton']}), {elapsed():.0f}s ==")
+    corr = [r for r in results if r["check"] == "correctness"]
+    bad = [r for r in results if not r.get("ok", False)]
+    worst = {}
+    for r in corr:
+        w = worst.setdefault(r["dtype"], [0.0, 0.0, 0])
+        w[0] = max(w[0], r.get("fwd_err", float("inf")) / max(r.get("tol", 1e-30), 1e-30))
+        w[1] = max(w[1], r.get("bwd_err", float("inf")) / max(r.get("tol", 1e-30), 1e-30))
+        w[2] += 1
+    print(f"{'dtype':6} {'cases':>5} {'worst fwd err/tol':>18} {'worst bwd err/tol':>18}")
+    for d, (f, b, n) in worst.items():
+        print(f"{d:6} {n:5d} {f:18.3f} {b:18.3f}")
+    for r in results:
+        if r["check"] in ("cuda_graph", "pytest", "bench"):
+            print(f"{r['check']:12} {'ok' if r['ok'] else 'FAIL'} {r.get('note', '')}")
+    tim = [r for r in results if r["check"] == "timing" and r.get("ok")]
+    if tim:
+        print(f"{'shape':16} {'dtype':5} {'layout':13} {'tri fwd us':>10} {'tri bwd us':>10} {'pt fwd us':>10} "
+              f"{'pt bwd us':>10} {'fwd GB/s':>8} {'bwd GB/s':>8}")
+        for r in tim:
+            print(f"{r['shape']:16} {r['dtype']:5} {r['layout']:13} {r['triton_fwd_us']:10.1f} {r['triton_bwd_us']:10.1f} "
+                  f"{r['torch_fwd_us']:10.1f} {r['torch_bwd_us']:10.1f} {r['fwd_GBps_1read']:8.0f} {r['bwd_GBps_rw']:8.0f}")
+    print(f"failures: {len(bad)}" + ("" if not bad else " -> " + "; ".join(
+        f"{r['check']} {r.get('shape', '')} {r.get('dtype', '')} {r.get('layout', '')} {r.get('error', '')}" for r in bad[:8])))
+    print(f"json: {path}")
+    return 1 if any(not r.get("ok", False) for r in results if r["check"] in ("correctness", "cuda_graph", "pytest")) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,428 @@
+"""The fused Triton kernels (``brnpa_triton.ops.triton_impl``) against the float64 reference.
+
+On CPU the kernels run under the Triton interpreter (the conftest sets TRITON_INTERPRET=1), so
+shapes stay tiny. With TRITON_INTERPRET=0 and a GPU (scripts/gpu_check.py) the same tests run
+the compiled kernels on CUDA.
+
+Every launcher allocation (outputs, dX and the workspace) is poisoned with NaN (indices with
+-7) by an autouse fixture, and the inputs live inside NaN-padded buffers in the "padded"
+layouts: a result is finite only if every element was written and nothing outside the
+input, nor any unwritten workspace, was read.
+
+Greedy selection is an argmax over scores that can nearly tie (a fp32 kernel need not pick
+the fp64 reference's winner then), so values are compared with the reference run on the
+kernel's own seeds, and the seeds are checked separately to be the greedy argmax up to
+rounding (exact ties: lowest index).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from hypothesis import example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import brnpa_triton  # noqa: E402
+from brnpa_triton.ops import torch_impl, triton_impl  # noqa: E402
+from brnpa_triton.ops.constants import EPS  # noqa: E402
+from reference.brnpa import brnpa_reference  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
+if DEVICE == "cpu" and not INTERPRET:
+    pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Relative error allowed per unit of conditioning (sum_n |a_kn|, 1 for non-negative features).
+TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+ULP = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+LAYOUTS = ("nchw", "channels_last", "padded", "padded_channels_last")
+SMALL_FWD = {"BLOCK_C": 16, "BLOCK_N": 16}
+# More examples for a one-off soak run: BRNPA_KERNEL_EXAMPLES=200 (CI keeps 20, derandomized).
+EXAMPLES = int(os.environ.get("BRNPA_KERNEL_EXAMPLES", "20"))
+SMALL_BWD = {"KC": 2, "BLOCK_C": 16, "BLOCK_N": 16}
+
+
+# ---- poisoning -----------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def poison_allocations(monkeypatch):
+    def empty(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(-7) if dtype == torch.int64 else t.fill_(float("nan"))
+
+    monkeypatch.setattr(triton_impl, "_empty", empty)
+    monkeypatch.setattr(triton_impl, "_empty_like", lambda x: torch.empty_like(x).fill_(float("nan")))
+    monkeypatch.setattr(
+        triton_impl, "_workspace",
+        lambda numel, dtype, device: torch.full((max(numel, 1),), float("nan"), dtype=dtype, device=device),
+    )
+
+
+# ---- inputs --------------------------------------------------------------------------------
+
+def make_values(B, C, N, kind, seed) -> torch.Tensor:
+    """float64 (B, C, N): "relu" (non-negative, exact zeros), "signed", or "zero"."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, N, generator=g, dtype=torch.float64)
+    if kind == "relu":
+        x = x.relu()
+    elif kind == "zero":
+        x = torch.zeros_like(x)
+    return x
+
+
+def in_layout(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same (B, C, N) values behind different strides, on DEVICE."""
+    B, C, N = values.shape
+    v = values.to(DEVICE)
+    if layout == "nchw":
+        return v.contiguous()
+    if layout == "channels_last":  # also the (B, N, C) tokens layout
+        return v.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "padded":  # NaN around, a row pitch that is not N
+        big = torch.full((B + 1, C + 2, N + 3), float("nan"), dtype=v.dtype, device=DEVICE)
+        big[1:, 1 : C + 1, 2 : N + 2] = v
+        return big[1:, 1 : C + 1, 2 : N + 2]
+    if layout == "padded_channels_last":
+        big = torch.full((B + 1, N + 3, C + 2), float("nan"), dtype=v.dtype, device=DEVICE)
+        big[1:, 2 : N + 2, 1 : C + 1] = v.transpose(1, 2)
+        return big[1:, 2 : N + 2, 1 : C + 1].transpose(1, 2)
+    raise ValueError(layout)
+
+
+def one_hot_noise(indices: torch.Tensor, N: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(indices.cpu(), N).to(torch.float64)
+
+
+def reference(x: torch.Tensor, K: int, refine: bool, seeds: torch.Tensor, grads=None):
+    """float64 reference on x's values with the given seeds; with grads=(gV, gA, gN), also dx."""
+    B, C, N = x.shape
+    feats = x.detach().cpu().double().reshape(B, C, N, 1).requires_grad_(grads is not None)
+    vec, maps, idx, _, norms = brnpa_reference(feats, K, refine, noise=one_hot_noise(seeds, N))
+    assert torch.equal(idx, seeds.cpu())
+    maps, norms = maps.reshape(B, K, N), norms.reshape(B, N)
+    dx = None
+    if grads is not None:
+        gv, ga, gn = (g.detach().cpu().double() for g in grads)
+        loss = (gv * vec).sum() + (ga * maps).sum() + (gn * norms).sum()
+        (dx,) = torch.autograd.grad(loss, feats)
+        dx = dx.reshape(B, C, N)
+    return vec.detach(), maps.detach(), norms.detach(), dx
+
+
+def check_greedy(x: torch.Tensor, indices: torch.Tensor, rel: float) -> None:
+    """indices is, part by part, a float64 argmax of the greedy score up to ``rel`` of its range
+    (given the previous seeds), and the lowest index among exact float64 ties."""
+    xd = x.detach().cpu().double()
+    idx = indices.cpu()
+    B, C, N = xd.shape
+    rho = torch.linalg.vector_norm(xd, dim=1) + EPS
+    score = rho.clone()
+    for k in range(idx.shape[1]):
+        i = idx[:, k]
+        best = score.max(dim=1).values
+        spread = best - score.min(dim=1).values + best.abs()
+        chosen = score.gather(1, i[:, None])[:, 0]
+        assert torch.all(chosen >= best - rel * spread), (k, chosen, best)
+        exact = score == best[:, None]
+        first = exact.float().argmax(dim=1)
+        tied = exact.gather(1, i[:, None])[:, 0]
+        assert torch.all(~tied | (i == first)), f"part {k}: tie not broken to the lowest index"
+        seed = xd.gather(2, i[:, None, None].expand(B, C, 1))
+        sim = (seed * xd).sum(1) / (rho * rho.gather(1, i[:, None]))
+        score = score * (1 - sim)
+
+
+def assert_close(actual, expected, tol, what):
+    actual = actual.detach().cpu().double()
+    expected = expected.detach().cpu().double()
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (unwritten or bad reads)"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= tol * max(scale, 1e-30) + 1e-300, f"{what}: max error {err:.3g}, scale {scale:.3g}, tol {tol:.3g}"
+
+
+def conditioning(maps_ref: torch.Tensor) -> float:
+    """sum_n |a_kn| (>= 1): how much cancellation in S_k amplifies rounding errors."""
+    return float(maps_ref.abs().sum(-1).max())
+
+
+# ---- the problems --------------------------------------------------------------------------
+
+@st.composite
+def problems(draw):
+    N = draw(st.integers(1, 50))
+    K = N if (N <= 6 and draw(st.booleans())) else draw(st.integers(1, min(N, 5)))
+    return dict(
+        B=draw(st.integers(1, 3)),
+        C=draw(st.one_of(st.integers(1, 40), st.sampled_from([1, 16, 17, 33]))),
+        N=N,
+        K=K,
+        layout=draw(st.sampled_from(LAYOUTS)),
+        dtype=draw(st.sampled_from(DTYPES)),
+        refine=draw(st.booleans()),
+        given_seeds=draw(st.booleans()),
+        kind=draw(st.sampled_from(["relu", "relu", "signed"])),
+        small_blocks=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def setup_problem(p):
+    """The input x and the seeds to force (or None); signed data is made well-conditioned."""
+    B, C, N, K = p["B"], p["C"], p["N"], p["K"]
+    values = make_values(B, C, N, p["kind"], p["seed"])
+    seeds = None
+    if p["given_seeds"]:
+        g = torch.Generator().manual_seed(p["seed"] + 1)
+        seeds = torch.randint(0, N, (B, K), generator=g)
+    if p["kind"] == "signed":
+        # Shift until no part cancels badly (cond <= 30): keeps tolerances meaningful.
+        for _ in range(40):
+            maps = torch_impl.forward(values.to(p["dtype"]).double(), K, True, seeds).maps
+            if float(maps.abs().sum(-1).max()) <= 30:
+                break
+            values = values + 0.25
+    x = in_layout(values.to(p["dtype"]), p["layout"])
+    return x, (None if seeds is None else seeds.to(DEVICE))
+
+
+def forward_and_check(p):
+    x, seeds = setup_problem(p)
+    K, dtype = p["K"], p["dtype"]
+    cfg = SMALL_FWD if p["small_blocks"] else None
+    out = triton_impl.forward(x, K, p["refine"], seeds, config=cfg)
+    B, C, N = x.shape
+    assert out.vectors.shape == (B, K, C) and out.vectors.dtype == dtype
+    assert out.maps.shape == (B, K, N) and out.maps.dtype == dtype
+    assert out.indices.shape == (B, K) and out.indices.dtype == torch.int64
+    assert out.norms.shape == (B, N) and out.norms.dtype == dtype
+    assert out.inv_sums.shape == (B, K) and out.inv_sums.dtype == torch_impl.compute_dtype(dtype)
+    assert bool(((out.indices >= 0) & (out.indices < N)).all()), out.indices
+    if seeds is not None:
+        assert torch.equal(out.indices, seeds)
+    else:
+        check_greedy(x, out.indices, rel=1e-12 if dtype == torch.float64 else 1e-4)
+
+    vec, maps, norms, _ = reference(x, K, p["refine"], out.indices)
+    cond = conditioning(maps)
+    tol = TOL[dtype] * cond
+    assert_close(out.norms, norms, TOL[dtype], "norms")
+    assert_close(out.maps, maps, tol, "maps")
+    assert_close(out.vectors, vec, tol, "vectors")
+    # inv_sums: 1/S_k, 0 exactly for degenerate parts, as torch_impl computes it in float64.
+    ref64 = torch_impl.forward(x.double(), K, p["refine"], out.indices)
+    assert torch.equal(out.inv_sums == 0, ref64.inv_sums == 0)
+    assert_close(out.inv_sums, ref64.inv_sums, tol, "inv_sums")
+    return x, out
+
+
+@settings(max_examples=EXAMPLES)
+@given(problems())
+@example(dict(B=2, C=1, N=1, K=1, layout="nchw", dtype=torch.float32, refine=True, given_seeds=False,
+              kind="relu", small_blocks=False, seed=0))
+@example(dict(B=1, C=3, N=5, K=5, layout="padded", dtype=torch.float64, refine=True, given_seeds=False,
+              kind="signed", small_blocks=True, seed=1))
+@example(dict(B=2, C=17, N=33, K=3, layout="padded_channels_last", dtype=torch.bfloat16, refine=True,
+              given_seeds=False, kind="relu", small_blocks=True, seed=2))
+def test_forward_matches_reference(p):
+    forward_and_check(p)
+
+
+def random_grads(x, K, seed):
+    B, C, N = x.shape
+    g = torch.Generator().manual_seed(seed + 7)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device=DEVICE, dtype=x.dtype)  # noqa: E731
+    return mk(B, K, C), mk(B, K, N), mk(B, N)
+
+
+@settings(max_examples=EXAMPLES)
+@given(problems())
+@example(dict(B=1, C=1, N=1, K=1, layout="channels_last", dtype=torch.float64, refine=False, given_seeds=False,
+              kind="relu", small_blocks=False, seed=0))
+@example(dict(B=2, C=5, N=6, K=6, layout="padded", dtype=torch.float32, refine=True, given_seeds=True,
+              kind="relu", small_blocks=True, seed=3))
+@example(dict(B=2, C=40, N=50, K=5, layout="padded_channels_last", dtype=torch.float16, refine=True,
+              given_seeds=True, kind="signed", small_blocks=True, seed=4))
+def test_backward_matches_reference(p):
+    x, out = forward_and_check(p)
+    K, dtype = p["K"], p["dtype"]
+    grads = random_grads(x, K, p["seed"])
+    cfg = SMALL_BWD if p["small_blocks"] else None
+    dx = triton_impl.backward(x, *grads, out, p["refine"], config=cfg)
+    assert dx.shape == x.shape and dx.dtype == dtype
+    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
+        assert dx.stride() == x.stride(), (dx.stride(), x.stride())
+    _, maps, _, dx_ref = reference(x, K, p["refine"], out.indices, grads)
+    dx_torch = torch_impl.backward(x, *grads, out, p["refine"])
+    if dx_ref.abs().max() > 0.5 * torch.finfo(dtype).max:
+        # float16 overflows: d sim / d x_n is r / (rho_n rho_i), ~1e5 at zero positions (rho_n = eps).
+        assert not torch.isnan(dx).any() and torch.equal(torch.isinf(dx), torch.isinf(dx_torch))
+        return
+    cond = conditioning(maps)
+    assert_close(dx, dx_ref, TOL[dtype] * cond**2, "dx vs reference")
+    # Against the vectorised PyTorch backward on the very same saved tensors: the same fp32
+    # math up to summation order, then one rounding to the output dtype.
+    tight = 4 * ULP[dtype] + (1e-12 if dtype == torch.float64 else 1e-5) * cond**2
+    assert_close(dx, dx_torch, tight, "dx vs torch_impl")
+
+
+# ---- special cases -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("refine", [True, False])
+def test_all_zero_input(refine):
+    x = torch.zeros(2, 4, 6, device=DEVICE)
+    out = triton_impl.forward(x, 3, refine)
+    assert out.indices.tolist() == [[0, 0, 0], [0, 0, 0]]
+    assert torch.all(out.inv_sums == 0)
+    assert torch.all(out.maps == 1 / 6)
+    assert torch.all(out.vectors == 0) and torch.all(out.norms == 0)
+    grads = random_grads(x, 3, 0)
+    dx = triton_impl.backward(x, *grads, out, refine)
+    assert torch.isfinite(dx).all()
+    _, _, _, dx_ref = reference(x, 3, refine, out.indices, grads)
+    assert_close(dx, dx_ref, 1e-6, "dx")
+
+
+@pytest.mark.parametrize("refine", [True, False])
+@pytest.mark.parametrize("seeds", [[[3, 3, 3], [0, 2, 0]], [[1, 4, 1], [5, 5, 2]]])
+def test_repeated_seeds_accumulate(refine, seeds):
+    values = make_values(2, 7, 6, "relu", 11) + 0.1
+    x = in_layout(values, "padded")
+    seeds = torch.tensor(seeds, device=DEVICE)
+    out = triton_impl.forward(x, 3, refine, seeds, config=SMALL_FWD)
+    grads = random_grads(x, 3, 5)
+    vec, maps, _, dx_ref = reference(x, 3, refine, seeds, grads)
+    assert_close(out.vectors, vec, 1e-12, "vectors")
+    for cfg in (None, SMALL_BWD):
+        dx = triton_impl.backward(x, *grads, out, refine, config=cfg)
+        assert_close(dx, dx_ref, 1e-12, f"dx {cfg}")
+
+
+def test_greedy_repeats_a_lone_position():
+    """One non-zero position: part 1 is seeded there again (its score, rho (1 - sim) with
+    sim = ||x||^2 / (||x|| + eps)^2, is still above the eps of the zero positions)."""
+    x = torch.zeros(1, 3, 5, dtype=torch.float64, device=DEVICE)
+    x[0, :, 2] = torch.tensor([1.0, 2.0, 2.0])
+    out = triton_impl.forward(x, 3, True)
+    assert out.indices.tolist() == torch_impl.forward(x, 3, True).indices.tolist() == [[2, 2, 0]]
+    grads = random_grads(x, 3, 1)
+    dx = triton_impl.backward(x, *grads, out, True)
+    _, _, _, dx_ref = reference(x, 3, True, out.indices, grads)
+    assert_close(dx, dx_ref, 1e-9, "dx")
+
+
+def test_exact_ties_pick_lowest_index():
+    """Duplicated columns tie exactly at every step, within and across N-blocks (of 16)."""
+    values = make_values(2, 4, 40, "relu", 3)
+    values[:, :, 4] = 2 * values.abs().max() + 1.0  # the biggest column: first seed
+    values[:, :, 21] = values[:, :, 4]  # ... tied in the next block
+    values[:, :, 37] = values[:, :, 4]
+    values[:, :, 30] = values[:, :, 9]
+    values[:, :, 25] = values[:, :, 9]
+    values[:, :, 26] = values[:, :, 25]
+    for dtype in (torch.float32, torch.bfloat16):
+        x = in_layout(values.to(dtype), "channels_last")
+        for cfg in (SMALL_FWD, None):
+            out = triton_impl.forward(x, 4, True, config=cfg)
+            assert out.indices[:, 0].tolist() == [4, 4]
+            check_greedy(x, out.indices, rel=1e-4)
+            ref = torch_impl.forward(x, 4, True)
+            assert torch.equal(out.indices, ref.indices)
+
+
+def test_signed_cancellation_degenerate_part():
+    """S_k cancels exactly: the part is degenerate (uniform map, inv_sums 0), no NaN anywhere."""
+    x = torch.tensor([[[1.0, -1.0, 0.5, -0.5]]], dtype=torch.float64, device=DEVICE)
+    out = triton_impl.forward(x, 2, True)
+    ref = torch_impl.forward(x, 2, True)
+    assert torch.equal(out.indices, ref.indices)
+    assert torch.equal(out.inv_sums == 0, ref.inv_sums == 0) and bool((out.inv_sums == 0).any())
+    assert_close(out.maps, ref.maps, 1e-12, "maps")
+    grads = random_grads(x, 2, 2)
+    dx = triton_impl.backward(x, *grads, out, True)
+    assert_close(dx, torch_impl.backward(x, *grads, ref, True), 1e-12, "dx")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitwise_deterministic(dtype):
+    x = in_layout(make_values(3, 37, 45, "relu", 9).to(dtype), "channels_last")
+    a = triton_impl.forward(x, 3, True, config=SMALL_FWD)
+    b = triton_impl.forward(x, 3, True, config=SMALL_FWD)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    grads = random_grads(x, 3, 9)
+    assert torch.equal(triton_impl.backward(x, *grads, a, True), triton_impl.backward(x, *grads, b, True))
+
+
+def test_unsupported_dtype_raises():
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 and float64"):
+        triton_impl.forward(torch.zeros(1, 2, 3, dtype=torch.int32, device=DEVICE), 1, True)
+
+
+# ---- through the public API ----------------------------------------------------------------
+
+def test_gradcheck_through_api():
+    g = torch.Generator().manual_seed(0)
+    feats = (torch.rand(1, 3, 2, 3, generator=g, dtype=torch.float64) + 0.1).to(DEVICE).requires_grad_()
+
+    def fn(f):
+        out = brnpa_triton.brnpa(f, 2, backend="triton")
+        return out.vectors, out.maps, out.norms
+
+    assert torch.autograd.gradcheck(fn, (feats,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_api_channels_last_gradient_layout():
+    feats = torch.rand(2, 5, 3, 4, dtype=torch.float64, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    feats.requires_grad_()
+    out = brnpa_triton.brnpa(feats, 3, backend="triton")
+    (out.vectors.sum() + (out.maps * torch.arange(12.0, device=DEVICE).reshape(3, 4)).sum()).backward()
+    assert feats.grad.is_contiguous(memory_format=torch.channels_last)
+    ref = feats.detach().clone().requires_grad_()
+    o2 = brnpa_triton.brnpa(ref, 3, backend="torch")
+    (o2.vectors.sum() + (o2.maps * torch.arange(12.0, device=DEVICE).reshape(3, 4)).sum()).backward()
+    assert_close(feats.grad, ref.grad, 1e-10, "grad")
+
+
+def test_func_grad_and_vmap():
+    feats = torch.rand(3, 2, 4, 2, 3, dtype=torch.float64, device=DEVICE) + 0.05  # (V, B, C, H, W)
+
+    def loss(f, backend):
+        out = brnpa_triton.brnpa(f, 2, backend=backend)
+        return (out.vectors**2).sum() + (out.maps * out.maps).sum() + out.norms.sum()
+
+    g_tr = torch.func.grad(loss)(feats[0], "triton")
+    g_pt = torch.func.grad(loss)(feats[0], "torch")
+    assert_close(g_tr, g_pt, 1e-10, "func.grad")
+
+    vm = torch.func.vmap(lambda f: brnpa_triton.brnpa(f, 2, backend="triton").vectors)(feats)
+    loop = torch.stack([brnpa_triton.brnpa(f, 2, backend="torch").vectors for f in feats])
+    assert_close(vm, loop, 1e-10, "vmap")
+
+    vg = torch.func.vmap(torch.func.grad(lambda f: loss(f, "triton")))(feats)
+    lg = torch.stack([torch.func.grad(loss)(f, "torch") for f in feats])
+    assert_close(vg, lg, 1e-10, "vmap(grad)")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors only")
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        brnpa_triton.brnpa(torch.rand(1, 2, 3, 3), 2, backend="triton")
+
+
+def test_configs_are_finite():
+    cfgs = triton_impl.all_configs()
+    assert 1 <= len(cfgs["forward"]) <= 8 and 1 <= len(cfgs["backward"]) <= 16
+    for kernel, items in cfgs.items():
+        for _, cfg in items:
+            assert all(isinstance(v, int) and v > 0 for v in cfg.values()), cfg
+            assert math.log2(cfg["BLOCK_C"]).is_integer() and math.log2(cfg["BLOCK_N"]).is_integer()
