@@ -262,9 +262,14 @@ def test_backward_matches_reference(p):
         assert dx.stride() == x.stride(), (dx.stride(), x.stride())
     _, maps, _, dx_ref = reference(x, K, p["refine"], out.indices, grads)
     dx_torch = torch_impl.backward(x, *grads, out, p["refine"])
+    assert torch.isfinite(dx).all() and torch.isfinite(dx_torch).all()
     if dx_ref.abs().max() > 0.5 * torch.finfo(dtype).max:
-        # float16 overflows: d sim / d x_n is r / (rho_n rho_i), ~1e5 at zero positions (rho_n = eps).
-        assert not torch.isnan(dx).any() and torch.equal(torch.isinf(dx), torch.isinf(dx_torch))
+        # float16: d sim / d x_n is r / (rho_n rho_i), ~1e5 at zero positions (rho_n = eps),
+        # beyond float16's range; both backends saturate at the float16 maximum instead of inf.
+        saturated = dx_ref.abs() > torch.finfo(dtype).max
+        limit = torch.finfo(dtype).max
+        assert torch.equal(dx[saturated].abs(), torch.full_like(dx[saturated], limit))
+        assert torch.equal(dx_torch[saturated].abs(), torch.full_like(dx_torch[saturated], limit))
         return
     cond = conditioning(maps)
     assert_close(dx, dx_ref, TOL[dtype] * cond**2, "dx vs reference")

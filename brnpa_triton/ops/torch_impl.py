@@ -210,4 +210,8 @@ def _backward_images(x, grad_vectors, grad_maps, grad_norms, saved: Forward, ref
         seed_grad = seed_grad + g_vec
     dx.scatter_add_(2, saved.indices[:, None, :].expand(B, C, K), seed_grad.transpose(1, 2))
     if dx is not out:
+        if out.dtype == torch.float16:
+            # Saturate rather than overflow: gradients at all-zero vectors are ~1/eps times
+            # the upstream gradient, beyond float16's range (see README, "Semantics").
+            dx.clamp_(-65504.0, 65504.0)
         out.copy_(dx)

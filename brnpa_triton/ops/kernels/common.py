@@ -39,3 +39,15 @@ def load_tile(base, offs_c, offs_n, stride_c, stride_n, C, N, ACC: tl.constexpr)
     ptrs = base + offs_c.to(tl.int64)[:, None] * stride_c + offs_n.to(tl.int64)[None, :] * stride_n
     mask = (offs_c[:, None] < C) & (offs_n[None, :] < N)
     return tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def store_gradient(ptrs, v, mask):
+    """Store v in the pointers' dtype; float16 saturates at +-65504 instead of overflowing to inf.
+
+    Gradients at all-zero feature vectors are ~1/eps = 1e5 times the upstream gradient (rho = eps
+    there), beyond float16's range: the library promises finite gradients for finite input.
+    """
+    if ptrs.dtype.element_ty == tl.float16:
+        v = tl.minimum(tl.maximum(v, -65504.0), 65504.0)
+    tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
