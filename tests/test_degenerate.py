@@ -117,3 +117,22 @@ def test_float16_gradients_saturate_instead_of_overflowing():
     (g,) = torch.autograd.grad((out.maps * 30 * torch.arange(9.0).view(1, 1, 3, 3).half()).sum(), f)
     assert torch.isfinite(g).all()
     assert g.abs().max() == 65504.0
+
+
+def test_float16_features_with_norms_beyond_float16_range():
+    """||x|| of large float16 features exceeds 65504: the public norms and activity saturate
+    (no inf), and the backward works from the float32 norms, so gradients match float32's."""
+    g = torch.Generator().manual_seed(16)
+    f = (torch.rand(1, 64, 3, 3, generator=g) * 1000 + 9000).half()
+    out = bt.brnpa(f, 2)
+    assert torch.isfinite(out.norms).all() and torch.isfinite(out.activity).all()
+    assert torch.equal(out.norms, torch.full_like(out.norms, 65504.0))
+    # Map gradients here are ~1/||x|| ~ 1e-8 per unit: scale them into float16's normal range.
+    weights = 3e4 * torch.rand(1, 2, 3, 3, generator=g)
+    grads = []
+    for dtype in (torch.float16, torch.float32):
+        x = f.to(dtype).requires_grad_()
+        (grad,) = torch.autograd.grad((bt.brnpa(x, 2).maps.float() * weights).sum(), x)
+        grads.append(grad.float())
+    assert grads[1].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=2e-2 * grads[1].abs().max().item())

@@ -203,7 +203,8 @@ def forward_and_check(p):
     assert out.vectors.shape == (B, K, C) and out.vectors.dtype == dtype
     assert out.maps.shape == (B, K, N) and out.maps.dtype == dtype
     assert out.indices.shape == (B, K) and out.indices.dtype == torch.int64
-    assert out.norms.shape == (B, N) and out.norms.dtype == dtype
+    # Norms stay in the compute dtype: the backward rebuilds rho from them.
+    assert out.norms.shape == (B, N) and out.norms.dtype == torch_impl.compute_dtype(dtype)
     assert out.inv_sums.shape == (B, K) and out.inv_sums.dtype == torch_impl.compute_dtype(dtype)
     assert bool(((out.indices >= 0) & (out.indices < N)).all()), out.indices
     if seeds is not None:
@@ -214,7 +215,7 @@ def forward_and_check(p):
     vec, maps, norms, _ = reference(x, K, p["refine"], out.indices)
     cond = conditioning(maps)
     tol = TOL[dtype] * cond
-    assert_close(out.norms, norms, TOL[dtype], "norms")
+    assert_close(out.norms, norms, TOL[torch_impl.compute_dtype(dtype)], "norms")
     assert_close(out.maps, maps, tol, "maps")
     assert_close(out.vectors, vec, tol, "vectors")
     # inv_sums: 1/S_k, 0 exactly for degenerate parts, as torch_impl computes it in float64.
@@ -263,20 +264,19 @@ def test_backward_matches_reference(p):
     _, maps, _, dx_ref = reference(x, K, p["refine"], out.indices, grads)
     dx_torch = torch_impl.backward(x, *grads, out, p["refine"])
     assert torch.isfinite(dx).all() and torch.isfinite(dx_torch).all()
-    if dx_ref.abs().max() > 0.5 * torch.finfo(dtype).max:
-        # float16: d sim / d x_n is r / (rho_n rho_i), ~1e5 at zero positions (rho_n = eps),
-        # beyond float16's range; both backends saturate at the float16 maximum instead of inf.
-        saturated = dx_ref.abs() > torch.finfo(dtype).max
-        limit = torch.finfo(dtype).max
-        assert torch.equal(dx[saturated].abs(), torch.full_like(dx[saturated], limit))
-        assert torch.equal(dx_torch[saturated].abs(), torch.full_like(dx_torch[saturated], limit))
-        return
+    # float16: d sim / d x_n is r / (rho_n rho_i), ~1e5 at zero positions (rho_n = eps), can
+    # exceed float16's range; both backends saturate at the float16 maximum instead of inf.
+    limit = torch.finfo(dtype).max
+    saturated = dx_ref.abs() > limit
+    assert torch.equal(dx[saturated].abs(), torch.full_like(dx[saturated], limit))
+    assert torch.equal(dx_torch[saturated].abs(), torch.full_like(dx_torch[saturated], limit))
+    keep = ~saturated
     cond = conditioning(maps)
-    assert_close(dx, dx_ref, TOL[dtype] * cond**2, "dx vs reference")
+    assert_close(dx[keep], dx_ref[keep], TOL[dtype] * cond**2, "dx vs reference")
     # Against the vectorised PyTorch backward on the very same saved tensors: the same fp32
     # math up to summation order, then one rounding to the output dtype.
     tight = 4 * ULP[dtype] + (1e-12 if dtype == torch.float64 else 1e-5) * cond**2
-    assert_close(dx, dx_torch, tight, "dx vs torch_impl")
+    assert_close(dx[keep], dx_torch[keep], tight, "dx vs torch_impl")
 
 
 # ---- special cases -------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def brnpa_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, C, N), any strides. ``seed_indices`` (B, K) int64, or empty for greedy selection.
 
-    Returns (vectors (B,K,C), maps (B,K,N), indices (B,K), norms (B,N), inv_sums (B,K)).
+    Returns (vectors (B,K,C), maps (B,K,N), indices (B,K), norms (B,N), inv_sums (B,K)); norms
+    and inv_sums are in the compute dtype (float32, or float64), the rest in x's dtype.
     """
     seeds = seed_indices if seed_indices.numel() else None
     impl = _triton()[0] if backend == "triton" else torch_impl.forward
@@ -52,7 +53,7 @@ def _(x, num_parts, refine, seed_indices, backend):
         x.new_empty(B, K, C),
         x.new_empty(B, K, N),
         x.new_empty(B, K, dtype=torch.int64),
-        x.new_empty(B, N),
+        x.new_empty(B, N, dtype=torch_impl.compute_dtype(x.dtype)),
         x.new_empty(B, K, dtype=torch_impl.compute_dtype(x.dtype)),
     )
 

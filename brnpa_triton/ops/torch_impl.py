@@ -24,13 +24,21 @@ class Forward(NamedTuple):
     vectors: torch.Tensor  # (B, K, C) input dtype
     maps: torch.Tensor  # (B, K, N) input dtype
     indices: torch.Tensor  # (B, K) int64
-    norms: torch.Tensor  # (B, N) input dtype, ||x_n|| without eps
+    norms: torch.Tensor  # (B, N) compute dtype (the backward rebuilds rho from it), ||x_n|| without eps
     inv_sums: torch.Tensor  # (B, K) compute dtype: 1 / S_k, 0 for degenerate (uniform) parts
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulate in float32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def to_output_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast to an output dtype; float16 saturates at +-65504 instead of overflowing to inf
+    (norms of large features, vectors of signed features, gradients at zero vectors)."""
+    if dtype == torch.float16 and t.dtype != dtype:
+        t = t.clamp(-65504.0, 65504.0)
+    return t.to(dtype)
 
 
 def _gather_positions(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -127,7 +135,7 @@ def _forward_images(
     else:
         vectors = _gather_positions(xc, indices).contiguous()  # outputs are contiguous (B, K, C)
     return Forward(
-        vectors.to(x.dtype), maps.to(x.dtype), indices, norms.to(x.dtype), inv_sums
+        to_output_dtype(vectors, x.dtype), to_output_dtype(maps, x.dtype), indices, norms, inv_sums
     )
 
 
@@ -210,8 +218,5 @@ def _backward_images(x, grad_vectors, grad_maps, grad_norms, saved: Forward, ref
         seed_grad = seed_grad + g_vec
     dx.scatter_add_(2, saved.indices[:, None, :].expand(B, C, K), seed_grad.transpose(1, 2))
     if dx is not out:
-        if out.dtype == torch.float16:
-            # Saturate rather than overflow: gradients at all-zero vectors are ~1/eps times
-            # the upstream gradient, beyond float16's range (see README, "Semantics").
-            dx.clamp_(-65504.0, 65504.0)
-        out.copy_(dx)
+        # Gradients at all-zero vectors are ~1/eps times the upstream gradient: float16 saturates.
+        out.copy_(to_output_dtype(dx, out.dtype))

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from brnpa_triton.ops import torch_impl
 from brnpa_triton.ops.kernels import brnpa_backward_kernel, brnpa_forward_kernel
+from brnpa_triton.ops.kernels.forward import workspace_size as forward_workspace_size
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -133,9 +134,9 @@ def forward(
     vectors = _empty((B, K, C), x.dtype, dev)
     maps = _empty((B, K, N), x.dtype, dev)
     indices = _empty((B, K), torch.int64, dev)
-    norms = _empty((B, N), x.dtype, dev)
+    norms = _empty((B, N), ct, dev)  # kept in the compute dtype: the backward rebuilds rho from it
     inv_sums = _empty((B, K), ct, dev)
-    ws = _workspace(B * (2 * N + C + K * N), ct, dev)
+    ws = _workspace(B * forward_workspace_size(C, N, K), ct, dev)
     given = seed_indices is not None
     if given:
         if tuple(seed_indices.shape) != (B, K):

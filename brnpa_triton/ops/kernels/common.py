@@ -42,11 +42,12 @@ def load_tile(base, offs_c, offs_n, stride_c, stride_n, C, N, ACC: tl.constexpr)
 
 
 @triton.jit
-def store_gradient(ptrs, v, mask):
+def store_saturating(ptrs, v, mask):
     """Store v in the pointers' dtype; float16 saturates at +-65504 instead of overflowing to inf.
 
     Gradients at all-zero feature vectors are ~1/eps = 1e5 times the upstream gradient (rho = eps
-    there), beyond float16's range: the library promises finite gradients for finite input.
+    there), and signed features can give vectors beyond float16's range: the library promises
+    finite outputs and gradients for finite input.
     """
     if ptrs.dtype.element_ty == tl.float16:
         v = tl.minimum(tl.maximum(v, -65504.0), 65504.0)

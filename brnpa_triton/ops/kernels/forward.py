@@ -18,14 +18,14 @@ a per-image fp32/fp64 workspace: read-modify-write once per N-block, with a barr
 N-blocks so that a load in a replicated layout sees the owner thread's store; the first
 N-block does not read it, so the workspace needs no zeroing. The unnormalised similarities
 also live in the workspace; the maps are written, normalised, at the end. The workspace is
-(2N + C + K N) accumulation-dtype elements per image; at (B=16, C=2048, N=3136, K=3) that is
+(3N + C + K N) accumulation-dtype elements per image; at (B=16, C=2048, N=3136, K=3) that is
 0.3% of X. Data written by one thread and read by another crosses a ``tl.debug_barrier()``.
 """
 
 import triton
 import triton.language as tl
 
-from brnpa_triton.ops.kernels.common import EPS_C, RATIO_C, acc_const, acc_sqrt, load_tile
+from brnpa_triton.ops.kernels.common import EPS_C, RATIO_C, acc_const, acc_sqrt, load_tile, store_saturating
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _argmax_update(values, offs_n, nmask, best, best_i, N):
 def brnpa_forward_kernel(
     x_ptr, seeds_ptr,  # x (B, C, N) any strides; seeds (B, K) int64 contiguous (GIVEN_SEEDS)
     vec_ptr, maps_ptr, idx_ptr, norms_ptr, inv_ptr,  # outputs, contiguous
-    ws_ptr,  # workspace, (B, 2N + C + K N) ACC, uninitialised
+    ws_ptr,  # workspace, (B, workspace_size(C, N, K)) ACC, uninitialised
     C, N, K,
     stride_xb, stride_xc, stride_xn,
     REFINE: tl.constexpr, GIVEN_SEEDS: tl.constexpr,
@@ -56,11 +56,13 @@ def brnpa_forward_kernel(
     norms_b = norms_ptr + b * N
     inv_b = inv_ptr + b * K
     seeds_b = seeds_ptr + b * K
-    ws_b = ws_ptr + b * (2 * N + C + K * N)
+    ws_b = ws_ptr + b * (3 * N + C + K * N)  # see workspace_size
     rho_ws = ws_b  # rho_n
-    score_ws = ws_b + N  # s_n
-    v_ws = ws_b + 2 * N  # weighted-sum accumulator, (C,)
-    sim_ws = ws_b + 2 * N + C  # sim_kn, (K, N), unnormalised
+    # s_n, double-buffered: pass j reads buffer (j-1)%2 and writes j%2, so no thread can load a
+    # score that another thread of the same pass already updated (warps hold replicated copies).
+    score_ws = ws_b + N
+    v_ws = ws_b + 3 * N  # weighted-sum accumulator, (C,)
+    sim_ws = ws_b + 3 * N + C  # sim_kn, (K, N), unnormalised
 
     arange_c = tl.arange(0, BLOCK_C)
     arange_n = tl.arange(0, BLOCK_N)
@@ -114,6 +116,8 @@ def brnpa_forward_kernel(
         x_seed = xb + i_cur.to(tl.int64) * stride_xn
         sim_d = sim_ws + kd * N
         sim_w = sim_ws + kw * N
+        score_read = score_ws + ((jt - 1) % 2) * N
+        score_write = score_ws + (jt % 2) * N
         deg_w = inv_w == 0
         s_tot = tl.zeros([], ACC)
         s_abs = tl.zeros([], ACC)
@@ -145,8 +149,8 @@ def brnpa_forward_kernel(
             s_tot += tl.sum(sim, axis=0)
             s_abs += tl.sum(tl.abs(sim), axis=0)
             if not GIVEN_SEEDS:
-                score = tl.load(score_ws + offs_n, mask=nmask, other=0.0) * (1.0 - sim)
-                tl.store(score_ws + offs_n, score, mask=offs_n < n_dots)
+                score = tl.load(score_read + offs_n, mask=nmask, other=0.0) * (1.0 - sim)
+                tl.store(score_write + offs_n, score, mask=offs_n < n_dots)
                 best, best_i = _argmax_update(score, offs_n, nmask, best, best_i, N)
         tl.debug_barrier()
         if REFINE:
@@ -155,7 +159,7 @@ def brnpa_forward_kernel(
                 offs_c = c0 + arange_c
                 cmask = offs_c < c_w
                 v = tl.load(v_ws + offs_c, mask=cmask, other=0.0)
-                tl.store(vec_w + offs_c, v.to(vec_ptr.dtype.element_ty), mask=cmask)
+                store_saturating(vec_w + offs_c, v, cmask)
             tl.debug_barrier()
         deg = tl.abs(s_tot) <= ratio * s_abs
         inv = tl.where(deg, 0.0, one / tl.where(deg, one, s_tot))
@@ -180,7 +184,7 @@ def brnpa_forward_kernel(
             nmask = offs_n < N
             sim = tl.load(sim_k + offs_n, mask=nmask, other=0.0)
             a = tl.where(inv == 0, uniform, sim * inv)
-            tl.store(maps_k + offs_n, a.to(maps_ptr.dtype.element_ty), mask=nmask)
+            store_saturating(maps_k + offs_n, a, nmask)
         if not REFINE:
             x_seed = xb + tl.load(idx_b + k) * stride_xn
             vec_k = vec_b + k * C
@@ -189,3 +193,8 @@ def brnpa_forward_kernel(
                 cmask = offs_c < C
                 r = tl.load(x_seed + offs_c.to(tl.int64) * stride_xc, mask=cmask, other=0.0)
                 tl.store(vec_k + offs_c, r.to(vec_ptr.dtype.element_ty), mask=cmask)
+
+
+def workspace_size(C: int, N: int, K: int) -> int:
+    """Accumulation-dtype elements of workspace per image: rho, two score buffers, v, sims."""
+    return 3 * N + C + K * N
