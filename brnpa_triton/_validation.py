@@ -47,6 +47,15 @@ def check_finite(name: str, features: torch.Tensor) -> None:
         raise ValueError(f"{name} must be finite (check_finite=True); got NaN or Inf values")
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Equal devices, a missing CUDA index meaning the current device."""
+    def normal(d):
+        if d.type == "cuda" and d.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(d.type) if d.type == "cpu" else d
+    return normal(torch.device(a)) == normal(torch.device(b))
+
+
 def check_random_source(seeds: str, generator, noise, expected_noise_shape, device) -> None:
     if seeds == "norm":
         if generator is not None or noise is not None:
@@ -60,12 +69,12 @@ def check_random_source(seeds: str, generator, noise, expected_noise_shape, devi
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
-        if generator.device.type != device.type:
+        if not _same_device(generator.device, device):
             raise ValueError(f"generator must be on the features' device ({device}); got {generator.device}")
         return
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point torch.Tensor; got {getattr(noise, 'dtype', type(noise).__name__)}")
     if tuple(noise.shape) != tuple(expected_noise_shape):
         raise ValueError(f"noise must have shape {tuple(expected_noise_shape)} (B, K, positions); got {tuple(noise.shape)}")
-    if noise.device != device:
+    if not _same_device(noise.device, device):
         raise ValueError(f"noise must be on the features' device ({device}); got {noise.device}")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from brnpa_triton import _validation as check
 from brnpa_triton.api import BRNPAOutput, brnpa, brnpa_tokens
 
 __all__ = [
@@ -48,8 +49,10 @@ class BRNPAPool(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if seeds not in ("norm", "random"):
-            raise ValueError(f"seeds must be 'norm' or 'random'; got {seeds!r}")
+        # Fail at construction, with the functional API's messages, not at the first forward.
+        check.check_choice("seeds", seeds, check.SEED_MODES)
+        check.check_choice("order", order, check.ORDERS)
+        check.check_choice("backend", backend, check.BACKENDS)
         if seeds == "norm" and generator is not None:
             raise ValueError("generator is only used with seeds='random'; got seeds='norm'")
         self.num_parts = num_parts

@@ -41,3 +41,16 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="backend='triton' runs on CUDA tensors.*TRITON_INTERPRET=1"):
         bt.brnpa(F, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seeds="uniform"), r"seeds must be one of 'norm', 'random'; got 'uniform'"),
+        (dict(order="norm"), r"order must be one of 'selection', 'activity'; got 'norm'"),
+        (dict(backend="cuda"), r"backend must be one of 'auto', 'torch', 'triton'; got 'cuda'"),
+    ],
+)
+def test_module_rejects_bad_options_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bt.BRNPAPool(3, **kwargs)

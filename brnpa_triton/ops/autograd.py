@@ -1,9 +1,10 @@
-"""autograd.Functions over the custom ops, so torch.func transforms work too.
+"""The autograd rule of the custom ops, and an autograd.Function over them for torch.func.
 
-The custom ops' own autograd rule (``registry.py``) serves ``opcheck`` and direct op users;
-functorch transforms (``grad``, ``vjp``, ``vmap``) need a new-style ``autograd.Function`` with
-``setup_context`` whose backward is itself a Function, and hand-written vmap rules: a vmapped
-dimension simply joins the batch dimension (images are independent).
+One rule (``_setup_context`` / ``_backward``) serves both: registered on the custom op (for
+``opcheck`` and direct op users) and used by ``BRNPAFunction``, which the public API calls
+because functorch transforms (``grad``, ``vjp``, ``vmap``) need a new-style
+``autograd.Function`` whose backward is itself a Function, and hand-written vmap rules: a
+vmapped dimension simply joins the batch dimension (images are independent).
 """
 
 from __future__ import annotations
@@ -26,27 +27,30 @@ def _unfold(t: torch.Tensor, size: int) -> torch.Tensor:
     return t.reshape(size, t.shape[0] // size, *t.shape[1:])
 
 
+def _setup_context(ctx, inputs, output):
+    x, _, refine, _, backend = inputs
+    vectors, maps, indices, norms, inv_sums = output
+    ctx.save_for_backward(x, vectors, maps, indices, norms, inv_sums)
+    ctx.refine, ctx.backend = refine, backend
+    ctx.mark_non_differentiable(indices, inv_sums)
+
+
+def _backward(ctx, grad_vectors, grad_maps, _grad_indices, grad_norms, _grad_inv_sums):
+    x, vectors, maps, indices, norms, inv_sums = ctx.saved_tensors
+    grad_x = BRNPABackwardFunction.apply(
+        x, grad_vectors, grad_maps, grad_norms, vectors, maps, indices, norms, inv_sums,
+        ctx.refine, ctx.backend,
+    )
+    return grad_x, None, None, None, None
+
+
 class BRNPAFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, num_parts, refine, seed_indices, backend):
         return brnpa_forward(x, num_parts, refine, seed_indices, backend)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, _, refine, _, backend = inputs
-        vectors, maps, indices, norms, inv_sums = output
-        ctx.save_for_backward(x, vectors, maps, indices, norms, inv_sums)
-        ctx.refine, ctx.backend = refine, backend
-        ctx.mark_non_differentiable(indices, inv_sums)
-
-    @staticmethod
-    def backward(ctx, grad_vectors, grad_maps, _grad_indices, grad_norms, _grad_inv_sums):
-        x, vectors, maps, indices, norms, inv_sums = ctx.saved_tensors
-        grad_x = BRNPABackwardFunction.apply(
-            x, grad_vectors, grad_maps, grad_norms, vectors, maps, indices, norms, inv_sums,
-            ctx.refine, ctx.backend,
-        )
-        return grad_x, None, None, None, None
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
     @staticmethod
     def vmap(info, in_dims, x, num_parts, refine, seed_indices, backend):
@@ -96,3 +100,7 @@ class BRNPABackwardFunction(torch.autograd.Function):
         ]
         grad_x = BRNPABackwardFunction.apply(*tensors)
         return _unfold(grad_x, size), 0
+
+
+# The custom op's own autograd rule (opcheck, direct op users) is the same one.
+brnpa_forward.register_autograd(_backward, setup_context=_setup_context)

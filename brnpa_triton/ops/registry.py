@@ -1,8 +1,9 @@
 """BR-NPA as ``torch.library`` custom ops, with autograd, fake (meta) and vmap rules.
 
 Two ops: ``brnpa_triton::forward`` and ``brnpa_triton::backward``. The forward's autograd
-rule calls the backward op, so first-order transforms (``torch.func.grad``, ``vjp``) and
-``torch.compile(fullgraph=True)`` see two opaque ops and never trace into the kernels. Each op
+rule (registered in ``autograd.py``, shared with the ``autograd.Function`` there) calls the
+backward op, so ``torch.compile(fullgraph=True)`` sees two opaque ops and never traces into
+the kernels. Each op
 picks its implementation by ``backend`` ("torch": vectorised PyTorch, "triton": the fused
 kernels) - the choice is made by the public API before the call.
 """
@@ -81,25 +82,3 @@ def brnpa_backward(
 @brnpa_backward.register_fake
 def _(x, grad_vectors, grad_maps, grad_norms, vectors, maps, indices, norms, inv_sums, refine, backend):
     return torch.empty_like(x)
-
-
-def _setup_context(ctx, inputs, output):
-    x, num_parts, refine, seed_indices, backend = inputs
-    vectors, maps, indices, norms, inv_sums = output
-    ctx.save_for_backward(x, vectors, maps, indices, norms, inv_sums)
-    ctx.refine = refine
-    ctx.backend = backend
-    ctx.mark_non_differentiable(indices, inv_sums)
-
-
-def _backward(ctx, grad_vectors, grad_maps, grad_indices, grad_norms, grad_inv_sums):
-    x, vectors, maps, indices, norms, inv_sums = ctx.saved_tensors
-    # Undefined output gradients arrive as zeros from the custom-op machinery; keep them so.
-    grad_x = brnpa_backward(
-        x, grad_vectors, grad_maps, grad_norms, vectors, maps, indices, norms, inv_sums,
-        ctx.refine, ctx.backend,
-    )
-    return grad_x, None, None, None, None
-
-
-brnpa_forward.register_autograd(_backward, setup_context=_setup_context)
