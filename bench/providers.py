@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import brnpa_triton as bt
@@ -113,68 +112,21 @@ def brnpa_eager(features: torch.Tensor, num_parts: int, refine: bool = True):
 # --------------------------------------------------------------------------------------------
 
 
-class BilinearAttentionPooling(nn.Module):
-    """M learned attention maps (1x1 conv + ReLU) weight the features; each weighted feature
-    map is average-pooled into a C-vector: (B, C, H, W) -> (B, M, C).
+def _build_bap(case: Case, variant: str, **_):
+    """The library's module, ``brnpa_triton.nn.BilinearAttentionPooling`` (M = K maps), with
+    WS-DAN's signed square root and L2 normalisation for ``variant="wsdan"``."""
+    from brnpa_triton.nn import BilinearAttentionPooling
 
-    ``variant="wsdan"`` adds WS-DAN's signed square root and L2 normalisation of the
-    flattened (B, M*C) matrix; ``variant="bcnn"`` is the plain bilinear pooling.
-    """
-
-    def __init__(self, in_channels: int, num_maps: int, variant: str = "wsdan", eps: float = 1e-12):
-        super().__init__()
-        if variant not in ("wsdan", "bcnn"):
-            raise ValueError(f"variant must be 'wsdan' or 'bcnn', got {variant!r}")
-        self.attention = nn.Conv2d(in_channels, num_maps, kernel_size=1, bias=False)
-        self.variant = variant
-        self.eps = eps
-
-    def forward(self, features: torch.Tensor):
-        B, C, H, W = features.shape
-        maps = F.relu(self.attention(features))  # (B, M, H, W)
-        pooled = torch.einsum("bmhw,bchw->bmc", maps, features) / (H * W)  # (B, M, C)
-        if self.variant == "wsdan":
-            M = pooled.shape[1]
-            flat = pooled.reshape(B, M * C)
-            flat = torch.sign(flat) * torch.sqrt(flat.abs() + self.eps)
-            pooled = F.normalize(flat, dim=-1).reshape(B, M, C)
-        return pooled, maps
-
-
-def _external_bap():
-    """``brnpa_triton.nn.BilinearAttentionPooling`` when another part of the project ships it."""
-    try:
-        return importlib.import_module("brnpa_triton.nn").BilinearAttentionPooling
-    except Exception:  # noqa: BLE001 - absent or broken: the bench's own module is used
-        return None
-
-
-def _build_bap(case: Case, variant: str, impl: str = "bench", **_):
-    """``impl="bench"`` (default, reproducible): the module above; ``impl="nn"``: the library's
-    ``brnpa_triton.nn.BilinearAttentionPooling(C, M, wsdan_normalize=...)`` if it exists, else
-    the bench's. The module actually used is recorded in every row's ``info``."""
-    module, used = None, "bench.providers.BilinearAttentionPooling"
-    if impl == "nn" and (cls := _external_bap()) is not None:
-        for kwargs in ({"wsdan_normalize": variant == "wsdan"}, {}):
-            try:
-                module = cls(case.C, case.K, **kwargs)
-                used = "brnpa_triton.nn.BilinearAttentionPooling" + (f"(wsdan_normalize={variant == 'wsdan'})"
-                                                                     if kwargs else "")
-                break
-            except Exception:  # noqa: BLE001 - another signature: try the next, else the bench's
-                module = None
-    if module is None:
-        module = BilinearAttentionPooling(case.C, case.K, variant=variant)
     torch.manual_seed(0)
+    module = BilinearAttentionPooling(case.C, case.K, wsdan_normalize=variant == "wsdan")
     for p in module.parameters():
         nn.init.normal_(p, std=case.C**-0.5)
     module = module.to(device=case.device, dtype=case.dtype)
 
     def fn(x):
-        out = module(x)
-        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        return tuple(module(x))
 
-    return Built(fn, list(module.parameters()), {"module": used, "variant": variant, "num_maps": case.K})
+    return Built(fn, list(module.parameters()), {"variant": variant, "num_maps": case.K})
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +194,7 @@ def _triton_available(device: torch.device) -> str | None:
         return f"backend 'triton' not available on {device.type} (CUDA, or TRITON_INTERPRET=1)"
     try:
         importlib.import_module("brnpa_triton.ops.triton_impl")
-    except Exception as e:  # noqa: BLE001 - the kernels are optional / in progress
+    except Exception as e:  # noqa: BLE001 - e.g. triton missing or broken: report, don't crash
         return f"brnpa_triton.ops.triton_impl does not import: {type(e).__name__}: {e}"
     return None
 

@@ -78,7 +78,6 @@ class Config:
     plot: bool = True
     progress: bool = True
     compile_backend: str = "inductor"
-    bap_impl: str = "bench"
     measure_memory: bool = True
     rounds: int = 1  # > 1: time every row again in later rounds, interleaved (fairer on a busy machine)
     copy_bytes: int | None = None
@@ -249,7 +248,7 @@ def run_one(case: Case, provider: str, modes: list, x: torch.Tensor, config: Con
                 K=case.K, dtype=_dtype_name(case.dtype), x_bytes=case.x_bytes)
     compile_s = None
     try:
-        built = PROVIDERS[provider].build(case, compile_backend=config.compile_backend, impl=config.bap_impl)
+        built = PROVIDERS[provider].build(case, compile_backend=config.compile_backend)
         # first call: compile (torch.compile) / autotune / lazy init, forward and backward
         t0 = time.perf_counter()
         out = built.fn(x)
@@ -647,7 +646,7 @@ def run(config: Config) -> dict:
         "command": " ".join(["python -m bench.run", *config.argv]),
         "env": environment(config.device),
         "config": {"budget_s": config.budget_s, "rounds": config.rounds, "min_reps": config.min_reps, "compile_backend": config.compile_backend,
-                   "bap_impl": config.bap_impl, "input": "relu(randn) NCHW contiguous, requires_grad",
+                   "input": "relu(randn) NCHW contiguous, requires_grad",
                    "loss": "grad of output[0] (vectors / pooled (B,K,C)) against fixed randn",
                    "modes": {"forward": "training forward (inputs require grad)",
                              "backward": "autograd.grad of a retained graph",
@@ -719,8 +718,6 @@ def parse_args(argv=None):
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of 'compiled'")
-    ap.add_argument("--bap-impl", default="bench", choices=["bench", "nn"],
-                    help="bilinear attention pooling module: the bench's own or brnpa_triton.nn's if present")
     ap.add_argument("--rounds", type=int, default=None,
                     help="time every row in N interleaved rounds, pooling the samples (default 3 for "
                          "--foundation, else 1)")
@@ -752,7 +749,7 @@ def config_from_args(args, argv=()) -> Config:
     rounds = args.rounds or (3 if args.preset == "foundation" else 1)
     return Config(preset=args.preset, groups=groups, device=device, budget_s=args.budget or budget, rounds=rounds,
                   out_dir=args.out, plot=not args.no_plot, progress=not args.no_progress,
-                  compile_backend=args.compile_backend, bap_impl=args.bap_impl,
+                  compile_backend=args.compile_backend,
                   measure_memory=not args.no_memory,
                   copy_bytes=(16 << 20) if args.preset == "micro" else None,
                   argv=list(argv), threads_suffix=bool(args.threads))

@@ -254,7 +254,6 @@ def run_timings(results, budget_s):
                     row["fwd_GBps_1read"] = xbytes / (row["triton_fwd_us"] * 1e-6) / 1e9
                     row["bwd_GBps_rw"] = 2 * xbytes / (row["triton_bwd_us"] * 1e-6) / 1e9
                     row["ok"] = True
-                    del x, gv, ga, gn
                 except Exception as e:
                     traceback.print_exc()
                     row = dict(check="timing", shape=f"{B}x{C}x{H}x{W}", dtype=DNAME[dtype], layout=layout,

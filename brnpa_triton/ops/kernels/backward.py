@@ -180,7 +180,6 @@ def brnpa_backward_kernel(
             i_j = tl.load(idx_b + offs_k, mask=offs_k < k, other=-1)
             dup += tl.sum(tl.where(i_j == i_k, 1, 0), axis=0)
         c_lim = tl.where(dup == 0, C, 0)  # only the first part of a column writes it
-        nrm_i = tl.load(norms_b + i_k).to(ACC)
         rad_i = tl.load(rad_ws + i_k)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + ar_c
