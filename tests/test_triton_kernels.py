@@ -431,3 +431,23 @@ def test_configs_are_finite():
         for _, cfg in items:
             assert all(isinstance(v, int) and v > 0 for v in cfg.values()), cfg
             assert math.log2(cfg["BLOCK_C"]).is_integer() and math.log2(cfg["BLOCK_N"]).is_integer()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_degenerate_part_vector_is_the_mean_across_blocks(layout):
+    """S_0 = sim(seed) + sim(opposite) + 0 * rest = 0 exactly: parts 0 and 1 are degenerate, so
+    their vectors are the mean feature, accumulated over several N- and C-blocks."""
+    C, N = 20, 40
+    x = torch.zeros(1, C, N, dtype=torch.float64)
+    x[0, 0, 0], x[0, 0, 1] = 2.0, -2.0  # the seed and its opposite: sims +1 and -1
+    x[0, 1, 2:] = torch.linspace(0.1, 1.9, N - 2, dtype=torch.float64)  # orthogonal: sim 0
+    x = in_layout(x.to(DEVICE), layout)
+    out = triton_impl.forward(x, 3, True, config=SMALL_FWD)
+    ref = torch_impl.forward(x, 3, True)
+    assert torch.equal(out.indices, ref.indices)
+    assert torch.equal(out.inv_sums[0, :2], torch.zeros(2, dtype=torch.float64, device=DEVICE))
+    mean = x.double().mean(2)[0]
+    assert mean.abs().sum() > 0
+    assert_close(out.vectors[0, :2], mean.expand(2, C), 1e-12, "degenerate vectors")
+    assert_close(out.vectors, ref.vectors, 1e-12, "vectors")
+    assert_close(out.maps, ref.maps, 1e-12, "maps")

@@ -7,19 +7,20 @@ finished in registers at the end of a C-loop. Passes over X:
 * pass 0: ||x_n|| (norms out, rho_n = ||x_n|| + eps and the score s_n = rho_n to the
   workspace) and the argmax of s, i.e. the seed i_0;
 * pass j = 1..K: the dot products of every x_n with the seed r_{j-1} = x_{i_{j-1}}, so
-  sim_{j-1,n}, S_{j-1}, the score update and the next argmax; when refining, the same tiles
-  also feed the weighted sum v_{j-2} = sum_n a_{j-2,n} x_n of the previous part, whose map is
-  known since S_{j-2} is;
-* pass K+1 (refine only): the weighted sum of the last part.
+  sim_{j-1,n}, S_{j-1}, the score update and the next argmax; when refining, each N-block's
+  tiles are read a second time, from cache, for the unnormalised weighted sum
+  sum_n sim_{j-1,n} x_n (and, in pass 1 only, sum_n x_n, the vector of a degenerate part);
+  v_{j-1} is that sum times 1/S_{j-1}, written once the pass has S_{j-1}.
 
-So K+1 reads of X without refinement and K+2 with it. A C-vector accumulated over N-blocks
+So K+1 reads of X from memory, with or without refinement. A C-vector accumulated over N-blocks
 (the weighted sum) cannot live in registers across the inner C-loop, so it is accumulated in
 a per-image fp32/fp64 workspace: read-modify-write once per N-block, with a barrier between
 N-blocks so that a load in a replicated layout sees the owner thread's store; the first
 N-block does not read it, so the workspace needs no zeroing. The unnormalised similarities
 also live in the workspace; the maps are written, normalised, at the end. The workspace is
-(3N + C + K N) accumulation-dtype elements per image; at (B=16, C=2048, N=3136, K=3) that is
-0.3% of X. Data written by one thread and read by another crosses a ``tl.debug_barrier()``.
+``workspace_size`` = 3N + 2C + K N accumulation-dtype elements per image (0.3% of X at
+B=16, C=2048, N=3136, K=3). Data written by one thread and read by another crosses a
+``tl.debug_barrier()``; the selection score is double-buffered (see below).
 """
 
 import triton
@@ -56,13 +57,14 @@ def brnpa_forward_kernel(
     norms_b = norms_ptr + b * N
     inv_b = inv_ptr + b * K
     seeds_b = seeds_ptr + b * K
-    ws_b = ws_ptr + b * (3 * N + C + K * N)  # see workspace_size
+    ws_b = ws_ptr + b * (3 * N + 2 * C + K * N)  # see workspace_size
     rho_ws = ws_b  # rho_n
     # s_n, double-buffered: pass j reads buffer (j-1)%2 and writes j%2, so no thread can load a
     # score that another thread of the same pass already updated (warps hold replicated copies).
     score_ws = ws_b + N
-    v_ws = ws_b + 3 * N  # weighted-sum accumulator, (C,)
-    sim_ws = ws_b + 3 * N + C  # sim_kn, (K, N), unnormalised
+    v_ws = ws_b + 3 * N  # the current part's weighted sum sum_n sim_n x_n, (C,)
+    mean_ws = ws_b + 3 * N + C  # sum_n x_n, (C,): the vector of a degenerate (uniform) part
+    sim_ws = ws_b + 3 * N + 2 * C  # sim_kn, (K, N), unnormalised
 
     arange_c = tl.arange(0, BLOCK_C)
     arange_n = tl.arange(0, BLOCK_N)
@@ -95,30 +97,17 @@ def brnpa_forward_kernel(
     tl.store(idx_b, i_cur.to(tl.int64))
     tl.debug_barrier()
 
-    # ---- passes 1..K (+1): dots for part j-1, weighted sum for part j-2 ------------------
-    if REFINE:
-        num_passes = K + 2
-    else:
-        num_passes = K + 1
-    inv_w = tl.zeros([], ACC)  # 1/S of the part being summed (0: degenerate)
-    for j in range(1, num_passes):
+    # ---- passes 1..K: part j-1's dot products and, when refining, its weighted sums ------
+    for j in range(1, K + 1):
         jt = j + tl.zeros([], tl.int32)  # a tensor also under the interpreter (masks need one)
         kd = jt - 1
-        kw = jt - 2
-        do_dots = jt <= K
-        do_w = jt >= 2
-        # Scalar conditions enter masks as bounds (block & scalar-bool is broken in the interpreter).
-        c_dots = tl.where(do_dots, C, 0)
-        c_w = tl.where(do_w, C, 0)
-        n_w = tl.where(do_w, N, 0)
-        n_dots = tl.where(do_dots, N, 0)
         rho_i = tl.load(rho_ws + i_cur)
         x_seed = xb + i_cur.to(tl.int64) * stride_xn
         sim_d = sim_ws + kd * N
-        sim_w = sim_ws + kw * N
         score_read = score_ws + ((jt - 1) % 2) * N
         score_write = score_ws + (jt % 2) * N
-        deg_w = inv_w == 0
+        # Scalar conditions enter masks as bounds (block & scalar-bool is broken in the interpreter).
+        c_mean = tl.where(jt == 1, C, 0)  # sum_n x_n (a degenerate part's vector): pass 1 only
         s_tot = tl.zeros([], ACC)
         s_abs = tl.zeros([], ACC)
         best = tl.full([], float("-inf"), ACC)
@@ -127,43 +116,48 @@ def brnpa_forward_kernel(
             offs_n = n0 + arange_n
             nmask = offs_n < N
             rho = tl.load(rho_ws + offs_n, mask=nmask, other=1.0)
-            if REFINE:
-                # The v_ws read-modify-write below may load in a replicated layout: order it
-                # after the previous N-block's stores (written by the element's owner thread).
-                tl.debug_barrier()
-                a_w = tl.load(sim_w + offs_n, mask=offs_n < n_w, other=0.0) * inv_w
-                a_w = tl.where(offs_n < n_w, tl.where(deg_w, uniform, a_w), 0.0)
             dot = tl.zeros([BLOCK_N], ACC)
             for c0 in range(0, C, BLOCK_C):
                 offs_c = c0 + arange_c
-                cmask = offs_c < C
                 tile = load_tile(xb, offs_c, offs_n, stride_xc, stride_xn, C, N, ACC)
-                r = tl.load(x_seed + offs_c.to(tl.int64) * stride_xc, mask=offs_c < c_dots, other=0.0)
+                r = tl.load(x_seed + offs_c.to(tl.int64) * stride_xc, mask=offs_c < C, other=0.0)
                 dot += tl.sum(r.to(ACC)[:, None] * tile, axis=0)
-                if REFINE:
-                    part = tl.sum(tile * a_w[None, :], axis=1)
-                    old = tl.load(v_ws + offs_c, mask=offs_c < tl.where(n0 > 0, c_w, 0), other=0.0)
-                    tl.store(v_ws + offs_c, old + part, mask=offs_c < c_w)
             sim = tl.where(nmask, dot / (rho * rho_i), 0.0)
-            tl.store(sim_d + offs_n, sim, mask=offs_n < n_dots)
+            tl.store(sim_d + offs_n, sim, mask=nmask)
             s_tot += tl.sum(sim, axis=0)
             s_abs += tl.sum(tl.abs(sim), axis=0)
             if not GIVEN_SEEDS:
                 score = tl.load(score_read + offs_n, mask=nmask, other=0.0) * (1.0 - sim)
-                tl.store(score_write + offs_n, score, mask=offs_n < n_dots)
+                tl.store(score_write + offs_n, score, mask=nmask)
                 best, best_i = _argmax_update(score, offs_n, nmask, best, best_i, N)
+            if REFINE:
+                # sum_n sim_n x_n, unnormalised (S is known only after the pass), from this
+                # N-block's tiles, which the C-loop above just brought into cache. The workspace
+                # read-modify-write may load in a replicated layout: order it after the previous
+                # N-block's stores (written by each element's owner thread).
+                tl.debug_barrier()
+                c_old = tl.where(n0 > 0, C, 0)
+                c_old_mean = tl.where(n0 > 0, c_mean, 0)
+                for c0 in range(0, C, BLOCK_C):
+                    offs_c = c0 + arange_c
+                    tile = load_tile(xb, offs_c, offs_n, stride_xc, stride_xn, C, N, ACC)
+                    old = tl.load(v_ws + offs_c, mask=offs_c < c_old, other=0.0)
+                    tl.store(v_ws + offs_c, old + tl.sum(tile * sim[None, :], axis=1), mask=offs_c < C)
+                    old = tl.load(mean_ws + offs_c, mask=offs_c < c_old_mean, other=0.0)
+                    tl.store(mean_ws + offs_c, old + tl.sum(tile, axis=1), mask=offs_c < c_mean)
         tl.debug_barrier()
-        if REFINE:
-            vec_w = vec_b + kw * C
-            for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + arange_c
-                cmask = offs_c < c_w
-                v = tl.load(v_ws + offs_c, mask=cmask, other=0.0)
-                store_saturating(vec_w + offs_c, v, cmask)
-            tl.debug_barrier()
         deg = tl.abs(s_tot) <= ratio * s_abs
         inv = tl.where(deg, 0.0, one / tl.where(deg, one, s_tot))
-        tl.store(inv_b + kd, inv, mask=do_dots)
+        tl.store(inv_b + kd, inv)
+        if REFINE:
+            vec_d = vec_b + kd * C
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + arange_c
+                cmask = offs_c < C
+                v = tl.load(v_ws + offs_c, mask=cmask, other=0.0) * inv
+                mean = tl.load(mean_ws + offs_c, mask=cmask, other=0.0) * uniform
+                store_saturating(vec_d + offs_c, tl.where(deg, mean, v), cmask)
+            tl.debug_barrier()  # v_ws is rewritten by the next pass
         has_next = jt < K
         if GIVEN_SEEDS:
             i_next = tl.load(seeds_b + j, mask=has_next, other=0).to(tl.int32)
@@ -171,7 +165,6 @@ def brnpa_forward_kernel(
             i_next = best_i
         tl.store(idx_b + j, i_next.to(tl.int64), mask=has_next)
         i_cur = tl.where(has_next, i_next, i_cur)
-        inv_w = tl.where(do_dots, inv, inv_w)
     tl.debug_barrier()
 
     # ---- maps (normalised), and the seed vectors when not refining -----------------------
@@ -196,5 +189,5 @@ def brnpa_forward_kernel(
 
 
 def workspace_size(C: int, N: int, K: int) -> int:
-    """Accumulation-dtype elements of workspace per image: rho, two score buffers, v, sims."""
-    return 3 * N + C + K * N
+    """Accumulation-dtype elements of workspace per image: rho, two score buffers, v, sum x, sims."""
+    return 3 * N + 2 * C + K * N
