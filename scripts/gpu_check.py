@@ -4,6 +4,8 @@
     python scripts/gpu_check.py                # correctness, CUDA graphs, timings, then bench --quick
     python scripts/gpu_check.py --no-bench     # skip ``python -m bench.run --quick``
     python scripts/gpu_check.py --pytest       # also run tests/test_triton_kernels.py on CUDA
+    python scripts/gpu_check.py --interpret    # CPU rehearsal: a few correctness cases under the
+                                               # Triton interpreter (what CI runs of this script)
 
 1. correctness on CUDA of ``triton_impl.forward/backward`` against the float64 PyTorch path
    (same seeds), for float32 / bfloat16 / float16, NCHW / channels_last / tokens, refine on
@@ -29,7 +31,10 @@ import time
 import traceback
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels, before triton is imported
+# Compiled kernels on CUDA, or the interpreter on CPU (--interpret): decided before triton loads.
+INTERPRET = "--interpret" in sys.argv[1:]
+os.environ["TRITON_INTERPRET"] = "1" if INTERPRET else "0"
+DEVICE = "cpu" if INTERPRET else "cuda"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -47,6 +52,11 @@ def elapsed() -> float:
     return time.time() - T0
 
 
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def log(msg: str) -> None:
     print(f"[{elapsed():6.1f}s] {msg}", flush=True)
 
@@ -57,11 +67,11 @@ def make_x(B, C, H, W, dtype, layout, seed):
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).relu().to(dtype)
     if layout == "nchw":
-        f = v.cuda()
+        f = v.to(DEVICE)
     elif layout == "channels_last":
-        f = v.cuda().contiguous(memory_format=torch.channels_last)
+        f = v.to(DEVICE).contiguous(memory_format=torch.channels_last)
     elif layout == "tokens":
-        return v.flatten(2).transpose(1, 2).contiguous().cuda().transpose(1, 2)  # (B, N, C) tokens as (B, C, N)
+        return v.flatten(2).transpose(1, 2).contiguous().to(DEVICE).transpose(1, 2)  # (B, N, C) tokens as (B, C, N)
     else:
         raise ValueError(layout)
     return f.flatten(2)
@@ -120,9 +130,9 @@ def correctness_case(B, C, H, W, K, dtype, layout, refine, given, seed=0):
     seeds = None
     if given:
         g = torch.Generator().manual_seed(seed + 1)
-        seeds = torch.randint(0, N, (B, K), generator=g).cuda()
+        seeds = torch.randint(0, N, (B, K), generator=g).to(DEVICE)
     out = triton_impl.forward(x, K, refine, seeds)
-    torch.cuda.synchronize()
+    sync()
     ok_idx = bool(((out.indices >= 0) & (out.indices < N)).all())
     if ok_idx:
         ok_idx = torch.equal(out.indices, seeds) if given else check_greedy(x, out.indices, 1e-4)
@@ -133,13 +143,16 @@ def correctness_case(B, C, H, W, K, dtype, layout, refine, given, seed=0):
     e_fwd = max(rel_err(out.vectors, ref.vectors), rel_err(out.maps, ref.maps), rel_err(out.norms, ref.norms),
                 rel_err(out.inv_sums, ref.inv_sums))
     g = torch.Generator().manual_seed(seed + 7)
-    grads = [torch.randn(*s, generator=g, dtype=torch.float64).cuda() for s in ((B, K, C), (B, K, N), (B, N))]
+    grads = [torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE) for s in ((B, K, C), (B, K, N), (B, N))]
     dx = triton_impl.backward(x, *(t.to(dtype) for t in grads), out, refine)
-    torch.cuda.synchronize()
+    sync()
     dx_ref = torch_impl.backward(x64, *(t.to(dtype).double() for t in grads), ref, refine)
-    e_bwd = rel_err(dx, dx_ref)
-    if dx_ref.abs().max() > 0.5 * torch.finfo(dtype).max:  # float16 overflow (rho_n = eps at zeros)
-        e_bwd = 0.0 if bool(torch.equal(torch.isinf(dx), torch.isinf(dx_ref.to(dtype)))) else float("inf")
+    # float16: gradients at zero vectors (rho_n = eps) can pass 65504; the kernels saturate there.
+    limit = torch.finfo(dtype).max
+    saturated = dx_ref.abs() > limit
+    e_bwd = rel_err(dx[~saturated], dx_ref[~saturated])
+    if not bool((dx[saturated].abs() == limit).all()):
+        e_bwd = float("inf")
     strides_ok = dx.stride() == x.stride()
     again = triton_impl.forward(x, K, refine, seeds)
     dx2 = triton_impl.backward(x, *(t.to(dtype) for t in grads), again, refine)
@@ -154,17 +167,24 @@ def run_correctness(results):
     restore = poison()
     try:
         cases = []
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if INTERPRET:  # a rehearsal of this script's own logic: tiny shapes, every dtype and layout
+            for dtype, layout in ((torch.float32, "nchw"), (torch.bfloat16, "channels_last"),
+                                  (torch.float16, "tokens"), (torch.float64, "nchw")):
+                cases.append(((2, 20, 3, 5, 3), dtype, layout, True, False))
+            cases.append(((2, 20, 3, 5, 3), torch.float32, "channels_last", False, True))
+            cases.append(((1, 1, 1, 1, 1), torch.float32, "nchw", True, False))
+        for dtype in () if INTERPRET else (torch.float32, torch.bfloat16, torch.float16):
             for layout in ("nchw", "channels_last", "tokens"):
                 for refine in (True, False):
                     cases.append(((3, 40, 5, 7, 3), dtype, layout, refine, False))
                 cases.append(((4, 256, 14, 14, 3), dtype, layout, True, False))
             cases.append(((2, 96, 9, 9, 6), dtype, "nchw", True, False))  # K > 4: parts in groups of 8
             cases.append(((3, 40, 5, 7, 3), dtype, "channels_last", True, True))
-        cases.append(((2, 2048, 28, 28, 3), torch.float32, "channels_last", True, False))
-        cases.append(((2, 2048, 28, 28, 3), torch.float32, "nchw", False, True))
-        cases.append(((1, 1, 1, 1, 1), torch.float32, "nchw", True, False))
-        cases.append(((2, 7, 3, 3, 9), torch.float64, "tokens", True, False))
+        if not INTERPRET:
+            cases.append(((2, 2048, 28, 28, 3), torch.float32, "channels_last", True, False))
+            cases.append(((2, 2048, 28, 28, 3), torch.float32, "nchw", False, True))
+            cases.append(((1, 1, 1, 1, 1), torch.float32, "nchw", True, False))
+            cases.append(((2, 7, 3, 3, 9), torch.float64, "tokens", True, False))
         for shape, dtype, layout, refine, given in cases:
             try:
                 r = correctness_case(*shape, dtype, layout, refine, given)
@@ -295,7 +315,10 @@ def main(argv=None):
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--pytest", action="store_true", help="also run tests/test_triton_kernels.py on CUDA")
     ap.add_argument("--budget", type=float, default=285.0, help="seconds for the whole script (default 285)")
+    ap.add_argument("--interpret", action="store_true", help="CPU rehearsal under the Triton interpreter")
     args = ap.parse_args(argv)
+    if args.interpret:
+        return rehearse()
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device; nothing to check (the CPU suite runs the interpreter)")
         return 2
@@ -348,6 +371,15 @@ def main(argv=None):
         f"{r['check']} {r.get('shape', '')} {r.get('dtype', '')} {r.get('layout', '')} {r.get('error', '')}" for r in bad[:8])))
     print(f"json: {path}")
     return 1 if any(not r.get("ok", False) for r in results if r["check"] in ("correctness", "cuda_graph", "pytest")) else 0
+
+
+def rehearse() -> int:
+    """--interpret: the correctness cases of this script, tiny, on CPU under the interpreter."""
+    results: list[dict] = []
+    run_correctness(results)
+    bad = [r for r in results if not r["ok"]]
+    print(f"gpu_check --interpret: {len(results) - len(bad)} passed, {len(bad)} failed")
+    return 1 if bad or not results else 0
 
 
 if __name__ == "__main__":
