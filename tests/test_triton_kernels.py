@@ -451,3 +451,33 @@ def test_degenerate_part_vector_is_the_mean_across_blocks(layout):
     assert_close(out.vectors[0, :2], mean.expand(2, C), 1e-12, "degenerate vectors")
     assert_close(out.vectors, ref.vectors, 1e-12, "vectors")
     assert_close(out.maps, ref.maps, 1e-12, "maps")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU run covers the op registration; on CUDA the same code runs")
+def test_opcheck_and_compile_through_the_triton_backend():
+    """The custom ops with backend="triton" pass opcheck (fake tensors, autograd registration,
+    schema), and a compiled training step runs the kernels without a graph break."""
+    from brnpa_triton.ops.registry import brnpa_backward, brnpa_forward
+
+    x = make_values(2, 5, 7, "relu", 21).double()
+    no_seeds = torch.empty(0, dtype=torch.int64)
+    for refine in (True, False):
+        torch.library.opcheck(brnpa_forward, (x.clone().requires_grad_(), 3, refine, no_seeds, "triton"))
+        out = brnpa_forward(x, 3, refine, no_seeds, "triton")
+        grads = random_grads(x, 3, 22)
+        torch.library.opcheck(brnpa_backward, (x, *grads, *out, refine, "triton"))
+
+    torch._dynamo.reset()
+    weight = torch.randn(3 * 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(23))
+
+    def loss_fn(features):
+        out = brnpa_triton.brnpa_tokens(features.transpose(1, 2), 3, backend="triton")
+        return (out.vectors.flatten(1) @ weight).square().sum()
+
+    features = x.clone().requires_grad_()
+    eager = loss_fn(features)
+    (eager_grad,) = torch.autograd.grad(eager, features)
+    compiled = torch.compile(loss_fn, fullgraph=True)(features)
+    (compiled_grad,) = torch.autograd.grad(compiled, features)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
