@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from brnpa_triton.ops import torch_impl, triton_impl  # noqa: E402
-from brnpa_triton.ops.constants import EPS  # noqa: E402
+from tests.seed_check import greedy_seed_error  # noqa: E402
 
 T0 = time.time()
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-9}
@@ -75,25 +75,6 @@ def make_x(B, C, H, W, dtype, layout, seed):
     else:
         raise ValueError(layout)
     return f.flatten(2)
-
-
-def check_greedy(x, indices, rel):
-    """Seeds are, part by part, the float64 greedy argmax up to ``rel`` of the score range."""
-    xd = x.double()
-    B, C, N = xd.shape
-    rho = torch.linalg.vector_norm(xd, dim=1) + EPS
-    score = rho.clone()
-    for k in range(indices.shape[1]):
-        i = indices[:, k]
-        best = score.max(dim=1).values
-        spread = best - score.min(dim=1).values + best.abs()
-        chosen = score.gather(1, i[:, None])[:, 0]
-        if not bool(torch.all(chosen >= best - rel * spread)):
-            return False
-        seed = xd.gather(2, i[:, None, None].expand(B, C, 1))
-        sim = (seed * xd).sum(1) / (rho * rho.gather(1, i[:, None]))
-        score = score * (1 - sim)
-    return True
 
 
 def rel_err(a, b):
@@ -133,9 +114,10 @@ def correctness_case(B, C, H, W, K, dtype, layout, refine, given, seed=0):
         seeds = torch.randint(0, N, (B, K), generator=g).to(DEVICE)
     out = triton_impl.forward(x, K, refine, seeds)
     sync()
-    ok_idx = bool(((out.indices >= 0) & (out.indices < N)).all())
-    if ok_idx:
-        ok_idx = torch.equal(out.indices, seeds) if given else check_greedy(x, out.indices, 1e-4)
+    if given:
+        ok_idx = torch.equal(out.indices, seeds)
+    else:
+        ok_idx = greedy_seed_error(x, out.indices, 1e-4) is None
     x64 = x.double()
     ref = torch_impl.forward(x64, K, refine, out.indices if ok_idx else None)
     cond = float(ref.maps.abs().sum(-1).max())

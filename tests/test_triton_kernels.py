@@ -29,7 +29,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import brnpa_triton  # noqa: E402
 from brnpa_triton.ops import torch_impl, triton_impl  # noqa: E402
-from brnpa_triton.ops.constants import EPS  # noqa: E402
+from tests.seed_check import greedy_seed_error  # noqa: E402
 from reference.brnpa import brnpa_reference  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -117,26 +117,8 @@ def reference(x: torch.Tensor, K: int, refine: bool, seeds: torch.Tensor, grads=
 
 
 def check_greedy(x: torch.Tensor, indices: torch.Tensor, rel: float) -> None:
-    """indices is, part by part, a float64 argmax of the greedy score up to ``rel`` of its range
-    (given the previous seeds), and the lowest index among exact float64 ties."""
-    xd = x.detach().cpu().double()
-    idx = indices.cpu()
-    B, C, N = xd.shape
-    rho = torch.linalg.vector_norm(xd, dim=1) + EPS
-    score = rho.clone()
-    for k in range(idx.shape[1]):
-        i = idx[:, k]
-        best = score.max(dim=1).values
-        spread = best - score.min(dim=1).values + best.abs()
-        chosen = score.gather(1, i[:, None])[:, 0]
-        assert torch.all(chosen >= best - rel * spread), (k, chosen, best)
-        exact = score == best[:, None]
-        first = exact.float().argmax(dim=1)
-        tied = exact.gather(1, i[:, None])[:, 0]
-        assert torch.all(~tied | (i == first)), f"part {k}: tie not broken to the lowest index"
-        seed = xd.gather(2, i[:, None, None].expand(B, C, 1))
-        sim = (seed * xd).sum(1) / (rho * rho.gather(1, i[:, None]))
-        score = score * (1 - sim)
+    error = greedy_seed_error(x, indices, rel)
+    assert error is None, error
 
 
 def assert_close(actual, expected, tol, what):
