@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import brnpa_triton as bt
-from brnpa_triton.ops.constants import EPS
+from brnpa_triton.ops.common import EPS
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ import torch
 from brnpa_triton import _validation as check
 from brnpa_triton.dispatch import resolve_backend
 from brnpa_triton.ops.autograd import BRNPAFunction
-from brnpa_triton.ops.torch_impl import compute_dtype, to_output_dtype
 
 
 class BRNPAOutput(NamedTuple):
@@ -100,14 +99,7 @@ def _run(x, features, num_parts, refine, seeds, generator, noise, order, backend
     else:
         seed_indices = x.new_empty(0, dtype=torch.int64)
 
-    vectors, maps, indices, norms, _ = BRNPAFunction.apply(x, num_parts, bool(refine), seed_indices, backend)
-    # Norms and activity are computed in float32 or better and saturate in float16 (no inf).
-    norms = to_output_dtype(norms, x.dtype)
-    activity = to_output_dtype(torch.linalg.vector_norm(vectors, dim=2, dtype=compute_dtype(x.dtype)), x.dtype)
-    if order == "activity":
-        rank = torch.sort(activity.detach(), dim=1, descending=True, stable=True).indices
-        vectors = vectors.gather(1, rank[:, :, None].expand(-1, -1, C))
-        maps = maps.gather(1, rank[:, :, None].expand(-1, -1, N))
-        indices = indices.gather(1, rank)
-        activity = activity.gather(1, rank)
+    vectors, maps, indices, activity, norms, _, _ = BRNPAFunction.apply(
+        x, num_parts, bool(refine), seed_indices, order == "activity", backend
+    )
     return BRNPAOutput(vectors, maps, indices, activity, norms)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from brnpa_triton.ops.constants import EPS
+from brnpa_triton.ops.common import EPS
 
 
 def greedy_seed_error(x: torch.Tensor, indices: torch.Tensor, rel: float) -> str | None:

@@ -59,13 +59,17 @@ def test_torch_func_vmap_matches_a_loop():
 def test_opcheck_forward_and_backward_ops():
     x = random_features(2, 4, 3, 3, seed=14).flatten(2)
     no_seeds = torch.empty(0, dtype=torch.int64)
-    for refine in (True, False):
-        torch.library.opcheck(brnpa_forward, (x.requires_grad_(), 2, refine, no_seeds, "torch"))
-        vectors, maps, indices, norms, inv_sums = brnpa_forward(x.detach(), 2, refine, no_seeds, "torch")
-        grads = (torch.randn_like(vectors), torch.randn_like(maps), torch.randn_like(norms))
-        torch.library.opcheck(brnpa_backward, (x.detach(), *grads, vectors, maps, indices, norms, inv_sums, refine, "torch"))
+    for refine, by_activity in ((True, False), (False, True)):
+        torch.library.opcheck(brnpa_forward, (x.requires_grad_(), 2, refine, no_seeds, by_activity, "torch"))
+        vectors, maps, indices, activity, norms, saved_norms, inv_sums = brnpa_forward(
+            x.detach(), 2, refine, no_seeds, by_activity, "torch"
+        )
+        grads = (torch.randn_like(vectors), torch.randn_like(maps), torch.randn_like(activity), torch.randn_like(norms))
+        saved = (vectors, maps, indices, saved_norms, inv_sums)
+        torch.library.opcheck(brnpa_backward, (x.detach(), *grads, *saved, refine, "torch"))
+        torch.library.opcheck(brnpa_backward, (x.detach(), None, grads[1], None, None, *saved, refine, "torch"))
     seeds = torch.tensor([[1, 4], [8, 8]])
-    torch.library.opcheck(brnpa_forward, (x.detach().float(), 2, True, seeds, "torch"))
+    torch.library.opcheck(brnpa_forward, (x.detach().float(), 2, True, seeds, False, "torch"))
 
 
 def test_compiled_training_step_has_no_graph_break():

@@ -28,43 +28,39 @@ def _unfold(t: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    x, _, refine, _, backend = inputs
-    vectors, maps, indices, norms, inv_sums = output
-    ctx.save_for_backward(x, vectors, maps, indices, norms, inv_sums)
+    x, _, refine, _, _, backend = inputs
+    vectors, maps, indices, _, _, saved_norms, inv_sums = output
+    ctx.save_for_backward(x, vectors, maps, indices, saved_norms, inv_sums)
     ctx.refine, ctx.backend = refine, backend
-    ctx.mark_non_differentiable(indices, inv_sums)
+    ctx.mark_non_differentiable(indices, saved_norms, inv_sums)
 
 
-def _backward(ctx, grad_vectors, grad_maps, _grad_indices, grad_norms, _grad_inv_sums):
-    x, vectors, maps, indices, norms, inv_sums = ctx.saved_tensors
+def _backward(ctx, grad_vectors, grad_maps, _grad_indices, grad_activity, grad_norms, _grad_saved, _grad_inv):
+    x, vectors, maps, indices, saved_norms, inv_sums = ctx.saved_tensors
     grad_x = BRNPABackwardFunction.apply(
-        x, grad_vectors, grad_maps, grad_norms, vectors, maps, indices, norms, inv_sums,
+        x, grad_vectors, grad_maps, grad_activity, grad_norms, vectors, maps, indices, saved_norms, inv_sums,
         ctx.refine, ctx.backend,
     )
-    return grad_x, None, None, None, None
+    return grad_x, None, None, None, None, None
 
 
 class BRNPAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(x, num_parts, refine, seed_indices, backend):
-        return brnpa_forward(x, num_parts, refine, seed_indices, backend)
+    def forward(x, num_parts, refine, seed_indices, by_activity, backend):
+        return brnpa_forward(x, num_parts, refine, seed_indices, by_activity, backend)
 
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
 
     @staticmethod
-    def vmap(info, in_dims, x, num_parts, refine, seed_indices, backend):
-        x_dim, _, _, seeds_dim, _ = in_dims
+    def vmap(info, in_dims, x, num_parts, refine, seed_indices, by_activity, backend):
+        x_dim, _, _, seeds_dim, _, _ = in_dims
         size = info.batch_size
         x = _fold(x, x_dim, size)
         if seed_indices.numel() or seeds_dim is not None:
             seed_indices = _fold(seed_indices, seeds_dim, size)
-        out = BRNPAFunction.apply(x, num_parts, refine, seed_indices, backend)
+        out = BRNPAFunction.apply(x, num_parts, refine, seed_indices, by_activity, backend)
         return tuple(_unfold(t, size) for t in out), (0,) * len(out)
-
-
-def _zeros_if_none(grad, like):
-    return torch.zeros_like(like) if grad is None else grad
 
 
 class BRNPABackwardFunction(torch.autograd.Function):
@@ -74,13 +70,11 @@ class BRNPABackwardFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, grad_vectors, grad_maps, grad_norms, vectors, maps, indices, norms, inv_sums, refine, backend):
+    def forward(x, grad_vectors, grad_maps, grad_activity, grad_norms, vectors, maps, indices, norms, inv_sums,
+                refine, backend):
         return brnpa_backward(
-            x,
-            _zeros_if_none(grad_vectors, vectors),
-            _zeros_if_none(grad_maps, maps),
-            _zeros_if_none(grad_norms, norms),
-            vectors, maps, indices, norms, inv_sums, refine, backend,
+            x, grad_vectors, grad_maps, grad_activity, grad_norms, vectors, maps, indices, norms, inv_sums,
+            refine, backend,
         )
 
     @staticmethod
@@ -95,7 +89,7 @@ class BRNPABackwardFunction(torch.autograd.Function):
     def vmap(info, in_dims, *args):
         size = info.batch_size
         tensors = [
-            _fold(arg, dim, size) if isinstance(arg, torch.Tensor) else arg
+            _fold(arg, dim, size) if isinstance(arg, torch.Tensor) else arg  # None: no gradient
             for arg, dim in zip(args, in_dims)
         ]
         grad_x = BRNPABackwardFunction.apply(*tensors)

@@ -1,70 +1,112 @@
-"""BR-NPA as ``torch.library`` custom ops, with autograd, fake (meta) and vmap rules.
+"""BR-NPA as ``torch.library`` custom ops, with fake (meta) kernels.
 
 Two ops: ``brnpa_triton::forward`` and ``brnpa_triton::backward``. The forward's autograd
 rule (registered in ``autograd.py``, shared with the ``autograd.Function`` there) calls the
 backward op, so ``torch.compile(fullgraph=True)`` sees two opaque ops and never traces into
-the kernels. Each op
-picks its implementation by ``backend`` ("torch": vectorised PyTorch, "triton": the fused
-kernels) - the choice is made by the public API before the call.
+the kernels. Each op runs the implementation named by ``backend`` ("torch": vectorised
+PyTorch, "triton": the fused kernels); the public API resolves "auto" before the call.
+
+The ops are public, so they check their arguments themselves: whatever indices they are
+given, no kernel reads or writes out of bounds. Seed indices are range-checked on the host
+for CPU tensors and with ``torch._assert_async`` on CUDA (no host synchronisation).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from brnpa_triton.ops import torch_impl
+from brnpa_triton.ops.common import SUPPORTED_DTYPES, SavedForward, accumulation_dtype
 
-_TRITON_FORWARD = None
-_TRITON_BACKWARD = None
+OP_BACKENDS = ("torch", "triton")
 
 
-def _triton():
-    """Import the Triton launchers lazily: triton is optional on CPU-only installs."""
-    global _TRITON_FORWARD, _TRITON_BACKWARD
-    if _TRITON_FORWARD is None:
+def _implementation(backend: str):
+    """The backend module; triton's is imported lazily (triton is optional on CPU installs)."""
+    if backend not in OP_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, OP_BACKENDS))}; got {backend!r}")
+    if backend == "triton":
         from brnpa_triton.ops import triton_impl
 
-        _TRITON_FORWARD, _TRITON_BACKWARD = triton_impl.forward, triton_impl.backward
-    return _TRITON_FORWARD, _TRITON_BACKWARD
+        return triton_impl
+    return torch_impl
 
 
-def _no_seeds(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(0, dtype=torch.int64)
+def _check_x(x: torch.Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (B, C, N); got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64; got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"x must be non-empty; got shape {tuple(x.shape)}")
+
+
+def _check_positions(name: str, indices: torch.Tensor, shape: tuple, N: int) -> None:
+    """``indices`` must be int64 of ``shape`` with every value in [0, N)."""
+    if indices.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64; got {indices.dtype}")
+    if tuple(indices.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(indices.shape)}")
+    message = f"{name} must lie in [0, N={N})"
+    if indices.device.type == "cuda":
+        torch._assert_async(((indices >= 0) & (indices < N)).all(), message)
+    elif indices.numel() and not bool(((indices >= 0) & (indices < N)).all()):
+        raise ValueError(f"{message}; got values from {int(indices.min())} to {int(indices.max())}")
 
 
 @torch.library.custom_op("brnpa_triton::forward", mutates_args=())
 def brnpa_forward(
-    x: torch.Tensor, num_parts: int, refine: bool, seed_indices: torch.Tensor, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: torch.Tensor,
+    num_parts: int,
+    refine: bool,
+    seed_indices: torch.Tensor,
+    by_activity: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, C, N), any strides. ``seed_indices`` (B, K) int64, or empty for greedy selection.
 
-    Returns (vectors (B,K,C), maps (B,K,N), indices (B,K), norms (B,N), inv_sums (B,K)); norms
-    and inv_sums are in the compute dtype (float32, or float64), the rest in x's dtype.
+    Returns (vectors (B,K,C), maps (B,K,N), indices (B,K), activity (B,K), norms (B,N),
+    saved_norms (B,N), inv_sums (B,K)); saved_norms and inv_sums are in the accumulation
+    dtype (float32, or float64), the rest in x's dtype. ``by_activity`` ranks the parts by
+    activity, descending (stable).
     """
-    seeds = seed_indices if seed_indices.numel() else None
-    impl = _triton()[0] if backend == "triton" else torch_impl.forward
-    return tuple(impl(x, num_parts, refine, seeds))
+    impl = _implementation(backend)
+    _check_x(x)
+    B, _, N = x.shape
+    if not 1 <= num_parts <= N:
+        raise ValueError(f"num_parts must be between 1 and N={N}; got {num_parts}")
+    seeds = None
+    if seed_indices.numel():
+        _check_positions("seed_indices", seed_indices, (B, num_parts), N)
+        seeds = seed_indices
+    return tuple(impl.forward(x, num_parts, refine, seeds, by_activity))
 
 
 @brnpa_forward.register_fake
-def _(x, num_parts, refine, seed_indices, backend):
+def _(x, num_parts, refine, seed_indices, by_activity, backend):
     B, C, N = x.shape
     K = num_parts
+    acc = accumulation_dtype(x.dtype)
     return (
         x.new_empty(B, K, C),
         x.new_empty(B, K, N),
         x.new_empty(B, K, dtype=torch.int64),
-        x.new_empty(B, N, dtype=torch_impl.compute_dtype(x.dtype)),
-        x.new_empty(B, K, dtype=torch_impl.compute_dtype(x.dtype)),
+        x.new_empty(B, K),
+        x.new_empty(B, N),
+        x.new_empty(B, N, dtype=acc),
+        x.new_empty(B, K, dtype=acc),
     )
 
 
 @torch.library.custom_op("brnpa_triton::backward", mutates_args=())
 def brnpa_backward(
     x: torch.Tensor,
-    grad_vectors: torch.Tensor,
-    grad_maps: torch.Tensor,
-    grad_norms: torch.Tensor,
+    grad_vectors: Optional[torch.Tensor],
+    grad_maps: Optional[torch.Tensor],
+    grad_activity: Optional[torch.Tensor],
+    grad_norms: Optional[torch.Tensor],
     vectors: torch.Tensor,
     maps: torch.Tensor,
     indices: torch.Tensor,
@@ -73,12 +115,29 @@ def brnpa_backward(
     refine: bool,
     backend: str,
 ) -> torch.Tensor:
-    """dL/dx for ``brnpa_triton::forward``, in x's dtype and shape (B, C, N)."""
-    saved = torch_impl.Forward(vectors, maps, indices, norms, inv_sums)
-    impl = _triton()[1] if backend == "triton" else torch_impl.backward
-    return impl(x, grad_vectors, grad_maps, grad_norms, saved, refine)
+    """dL/dx for ``brnpa_triton::forward``, in x's dtype and shape (B, C, N).
+
+    The gradients of outputs that did not reach the loss may be None; ``norms`` are the
+    forward's ``saved_norms``.
+    """
+    impl = _implementation(backend)
+    _check_x(x)
+    B, C, N = x.shape
+    K = indices.shape[-1] if indices.dim() == 2 else -1
+    _check_positions("indices", indices, (B, max(K, 0)), N)
+    expected = {"vectors": (B, K, C), "maps": (B, K, N), "norms": (B, N), "inv_sums": (B, K)}
+    for name, t in (("vectors", vectors), ("maps", maps), ("norms", norms), ("inv_sums", inv_sums)):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]}; got {tuple(t.shape)}")
+    grads = {"grad_vectors": grad_vectors, "grad_maps": grad_maps, "grad_activity": grad_activity, "grad_norms": grad_norms}
+    grad_shapes = {"grad_vectors": (B, K, C), "grad_maps": (B, K, N), "grad_activity": (B, K), "grad_norms": (B, N)}
+    for name, g in grads.items():
+        if g is not None and tuple(g.shape) != grad_shapes[name]:
+            raise ValueError(f"{name} must have shape {grad_shapes[name]}; got {tuple(g.shape)}")
+    saved = SavedForward(vectors, maps, indices, norms, inv_sums)
+    return impl.backward(x, grad_vectors, grad_maps, grad_activity, grad_norms, saved, refine)
 
 
 @brnpa_backward.register_fake
-def _(x, grad_vectors, grad_maps, grad_norms, vectors, maps, indices, norms, inv_sums, refine, backend):
+def _(x, grad_vectors, grad_maps, grad_activity, grad_norms, vectors, maps, indices, norms, inv_sums, refine, backend):
     return torch.empty_like(x)

@@ -11,34 +11,17 @@ size (B, N, C) is saved, and the only (B, N, C) allocation is dX itself.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
+from brnpa_triton.ops.common import (
+    DEGENERATE_SUM_RATIO,
+    EPS,
+    Forward,
+    SavedForward,
+    accumulation_dtype,
+    to_output_dtype,
+)
 from brnpa_triton.ops.hugepages import empty_like_hugepages
-
-from brnpa_triton.ops.constants import DEGENERATE_SUM_RATIO, EPS
-
-
-class Forward(NamedTuple):
-    vectors: torch.Tensor  # (B, K, C) input dtype
-    maps: torch.Tensor  # (B, K, N) input dtype
-    indices: torch.Tensor  # (B, K) int64
-    norms: torch.Tensor  # (B, N) compute dtype (the backward rebuilds rho from it), ||x_n|| without eps
-    inv_sums: torch.Tensor  # (B, K) compute dtype: 1 / S_k, 0 for degenerate (uniform) parts
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulate in float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def to_output_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast to an output dtype; float16 saturates at +-65504 instead of overflowing to inf
-    (norms of large features, vectors of signed features, gradients at zero vectors)."""
-    if dtype == torch.float16 and t.dtype != dtype:
-        t = t.clamp(-65504.0, 65504.0)
-    return t.to(dtype)
 
 
 def _gather_positions(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -86,17 +69,22 @@ def _batch_chunks(x: torch.Tensor) -> list[slice]:
     B, C, N = x.shape
     if x.device.type != "cpu":
         return [slice(0, B)]
-    per_image = C * N * torch.empty((), dtype=compute_dtype(x.dtype)).element_size()
+    per_image = C * N * torch.empty((), dtype=accumulation_dtype(x.dtype)).element_size()
     step = max(1, CACHE_CHUNK_BYTES // per_image)
     return [slice(i, min(i + step, B)) for i in range(0, B, step)]
 
 
 def forward(
-    x: torch.Tensor, num_parts: int, refine: bool, seed_indices: torch.Tensor | None = None
+    x: torch.Tensor,
+    num_parts: int,
+    refine: bool,
+    seed_indices: torch.Tensor | None = None,
+    by_activity: bool = False,
 ) -> Forward:
-    """BR-NPA forward on x (B, C, N). ``seed_indices`` (B, K) replaces the greedy selection."""
+    """BR-NPA forward on x (B, C, N). ``seed_indices`` (B, K) replaces the greedy selection;
+    ``by_activity`` ranks the parts by activity, descending (stable)."""
     chunks = [
-        _forward_images(x[s], num_parts, refine, None if seed_indices is None else seed_indices[s])
+        _forward_images(x[s], num_parts, refine, None if seed_indices is None else seed_indices[s], by_activity)
         for s in _batch_chunks(x)
     ]
     if len(chunks) == 1:
@@ -105,11 +93,11 @@ def forward(
 
 
 def _forward_images(
-    x: torch.Tensor, num_parts: int, refine: bool, seed_indices: torch.Tensor | None
+    x: torch.Tensor, num_parts: int, refine: bool, seed_indices: torch.Tensor | None, by_activity: bool
 ) -> Forward:
     B, C, N = x.shape
     K = num_parts
-    xc = x.to(compute_dtype(x.dtype))  # no-op (no copy) for float32 / float64
+    xc = x.to(accumulation_dtype(x.dtype))  # no-op (no copy) for float32 / float64
     norms = _norms(xc)
     rho = norms + EPS
     score = rho
@@ -134,8 +122,20 @@ def _forward_images(
         vectors = _weighted_sums(xc, maps)  # one pass over X for all parts
     else:
         vectors = _gather_positions(xc, indices).contiguous()  # outputs are contiguous (B, K, C)
+    activity = torch.linalg.vector_norm(vectors, dim=2)
+    if by_activity:
+        rank = torch.sort(activity, dim=1, descending=True, stable=True).indices
+        vectors = vectors.gather(1, rank[:, :, None].expand(-1, -1, C))
+        maps = maps.gather(1, rank[:, :, None].expand(-1, -1, N))
+        indices, activity, inv_sums = (t.gather(1, rank) for t in (indices, activity, inv_sums))
     return Forward(
-        to_output_dtype(vectors, x.dtype), to_output_dtype(maps, x.dtype), indices, norms, inv_sums
+        to_output_dtype(vectors, x.dtype),
+        to_output_dtype(maps, x.dtype),
+        indices,
+        to_output_dtype(activity, x.dtype),
+        to_output_dtype(norms, x.dtype) if norms.dtype != x.dtype else norms.clone(),
+        norms,
+        inv_sums,
     )
 
 
@@ -143,13 +143,15 @@ def backward(
     x: torch.Tensor,
     grad_vectors: torch.Tensor | None,
     grad_maps: torch.Tensor | None,
+    grad_activity: torch.Tensor | None,
     grad_norms: torch.Tensor | None,
-    saved: Forward,
+    saved: SavedForward,
     refine: bool,
 ) -> torch.Tensor:
     """dL/dx (B, C, N), in x's dtype (and strides, for dense x), from the spec's closed form.
 
-    Gradients of outputs that did not reach the loss may be None.
+    Gradients of outputs that did not reach the loss may be None. float16 gradients overflow
+    to inf where the true gradient exceeds the dtype's range, as PyTorch's own do.
     """
     dx = empty_like_hugepages(x)  # fresh, so huge pages spare it most first-touch page faults
     for s in _batch_chunks(x):
@@ -157,19 +159,22 @@ def backward(
             x[s],
             None if grad_vectors is None else grad_vectors[s],
             None if grad_maps is None else grad_maps[s],
+            None if grad_activity is None else grad_activity[s],
             None if grad_norms is None else grad_norms[s],
-            Forward(*(t[s] for t in saved)),
+            SavedForward(*(t[s] for t in saved)),
             refine,
             out=dx[s],
         )
     return dx
 
 
-def _backward_images(x, grad_vectors, grad_maps, grad_norms, saved: Forward, refine: bool, out: torch.Tensor):
+def _backward_images(
+    x, grad_vectors, grad_maps, grad_activity, grad_norms, saved: SavedForward, refine: bool, out: torch.Tensor
+):
     """Writes dL/dx of these images into ``out``."""
     B, C, N = x.shape
     K = saved.indices.shape[1]
-    ct = compute_dtype(x.dtype)
+    ct = accumulation_dtype(x.dtype)
     xc = x.to(ct)
     maps = saved.maps.to(ct)
     norms = saved.norms.to(ct)
@@ -178,6 +183,10 @@ def _backward_images(x, grad_vectors, grad_maps, grad_norms, saved: Forward, ref
     rho_seed = rho.gather(1, saved.indices)
     seed_norm = norms.gather(1, saved.indices)
     g_vec = xc.new_zeros(B, K, C) if grad_vectors is None else grad_vectors.to(ct)
+    if grad_activity is not None:  # activity = ||v_k||: its gradient joins v_k's
+        vectors = saved.vectors.to(ct)
+        length = torch.linalg.vector_norm(vectors, dim=2, keepdim=True)
+        g_vec = g_vec + grad_activity.to(ct)[..., None] * torch.where(length > 0, vectors / length, 0.0)
     g_map = xc.new_zeros(B, K, N) if grad_maps is None else grad_maps.to(ct)
 
     # Pass 1: the seed dot products (to rebuild sim) and, when refining, gV_k . x_n.
@@ -218,5 +227,4 @@ def _backward_images(x, grad_vectors, grad_maps, grad_norms, saved: Forward, ref
         seed_grad = seed_grad + g_vec
     dx.scatter_add_(2, saved.indices[:, None, :].expand(B, C, K), seed_grad.transpose(1, 2))
     if dx is not out:
-        # Gradients at all-zero vectors are ~1/eps times the upstream gradient: float16 saturates.
-        out.copy_(to_output_dtype(dx, out.dtype))
+        out.copy_(dx)

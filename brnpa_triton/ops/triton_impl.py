@@ -20,11 +20,9 @@ import contextlib
 import torch
 import triton.language as tl
 
-from brnpa_triton.ops import torch_impl
+from brnpa_triton.ops.common import SUPPORTED_DTYPES, Forward, SavedForward, accumulation_dtype, to_output_dtype
 from brnpa_triton.ops.kernels import brnpa_backward_kernel, brnpa_forward_kernel
 from brnpa_triton.ops.kernels.forward import workspace_size as forward_workspace_size
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ---- launch heuristics ---------------------------------------------------------------------
@@ -118,9 +116,10 @@ def forward(
     num_parts: int,
     refine: bool,
     seed_indices: torch.Tensor | None = None,
+    by_activity: bool = False,
     *,
     config: dict | None = None,
-) -> torch_impl.Forward:
+) -> Forward:
     """BR-NPA forward on x (B, C, N) in one launch; see ``torch_impl.forward``."""
     _check(x)
     B, C, N = x.shape
@@ -128,7 +127,7 @@ def forward(
     if not 1 <= K <= N:
         raise ValueError(f"num_parts must be between 1 and N={N}; got {K}")
     dev = x.device
-    ct = torch_impl.compute_dtype(x.dtype)
+    ct = accumulation_dtype(x.dtype)
     vectors = _empty((B, K, C), x.dtype, dev)
     maps = _empty((B, K, N), x.dtype, dev)
     indices = _empty((B, K), torch.int64, dev)
@@ -151,15 +150,23 @@ def forward(
             REFINE=bool(refine), GIVEN_SEEDS=given,
             ACC=acc_dtype(x.dtype), **block_sizes(cfg), **launch_options(cfg),
         )
-    return torch_impl.Forward(vectors, maps, indices, norms, inv_sums)
+    activity = torch.linalg.vector_norm(vectors, dim=2, dtype=ct)
+    if by_activity:
+        rank = torch.sort(activity, dim=1, descending=True, stable=True).indices
+        vectors = vectors.gather(1, rank[:, :, None].expand(-1, -1, C))
+        maps = maps.gather(1, rank[:, :, None].expand(-1, -1, N))
+        indices, activity, inv_sums = (t.gather(1, rank) for t in (indices, activity, inv_sums))
+    user_norms = to_output_dtype(norms, x.dtype) if norms.dtype != x.dtype else norms.clone()
+    return Forward(vectors, maps, indices, to_output_dtype(activity, x.dtype), user_norms, norms, inv_sums)
 
 
 def backward(
     x: torch.Tensor,
     grad_vectors: torch.Tensor,
-    grad_maps: torch.Tensor,
-    grad_norms: torch.Tensor,
-    saved: torch_impl.Forward,
+    grad_maps: torch.Tensor | None,
+    grad_activity: torch.Tensor | None,
+    grad_norms: torch.Tensor | None,
+    saved: SavedForward,
     refine: bool,
     *,
     config: dict | None = None,
@@ -174,7 +181,14 @@ def backward(
     B, C, N = x.shape
     K = saved.indices.shape[1]
     dev = x.device
-    ct = torch_impl.compute_dtype(x.dtype)
+    ct = accumulation_dtype(x.dtype)
+    grad_vectors = torch.zeros_like(saved.vectors) if grad_vectors is None else grad_vectors
+    if grad_activity is not None:
+        v = saved.vectors.to(ct)
+        length = torch.linalg.vector_norm(v, dim=2, keepdim=True)
+        grad_vectors = (grad_vectors.to(ct) + grad_activity.to(ct)[..., None] * torch.where(length > 0, v / length, 0.0))
+    grad_maps = torch.zeros_like(saved.maps) if grad_maps is None else grad_maps
+    grad_norms = torch.zeros_like(saved.norms) if grad_norms is None else grad_norms
     small = [
         t.contiguous()
         for t in (grad_vectors, grad_maps, grad_norms, saved.vectors, saved.maps, saved.indices,

@@ -27,7 +27,7 @@ KC parts, phase A re-reads the tile once per group of KC parts.
 import triton
 import triton.language as tl
 
-from brnpa_triton.ops.kernels.common import EPS_C, acc_const, load_tile, store_saturating
+from brnpa_triton.ops.kernels.common import EPS_C, acc_const, load_tile
 
 
 @triton.jit
@@ -168,7 +168,7 @@ def brnpa_backward_kernel(
                 u_old = tl.load(u_ptr, mask=(offs_k < k_first)[:, None] & cmask[None, :], other=0.0)
                 tl.store(u_ptr, u_old + u_part, mask=m_kc)
             dx_ptrs = dxb + offs_c.to(tl.int64)[:, None] * stride_dc + offs_n.to(tl.int64)[None, :] * stride_dn
-            store_saturating(dx_ptrs, acc, cmask[:, None] & nmask[None, :])
+            tl.store(dx_ptrs, acc.to(dx_ptrs.dtype.element_ty), mask=cmask[:, None] & nmask[None, :])
     tl.debug_barrier()
 
     # ---- (3) seed columns: phase-B value + corrections of every part seeded there --------
@@ -212,4 +212,4 @@ def brnpa_backward_kernel(
                     corr += g
                 same = kmask & (i_j == i_k)
                 val += tl.sum(tl.where(same[:, None], corr, 0.0), axis=0)
-            store_saturating(dxb + i_k * stride_dn + offs_c.to(tl.int64) * stride_dc, val, cmask)
+            tl.store(dxb + i_k * stride_dn + offs_c.to(tl.int64) * stride_dc, val.to(dx_ptr.dtype.element_ty), mask=cmask)

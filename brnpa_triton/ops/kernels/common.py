@@ -9,7 +9,7 @@ and the contract is fp32/fp64 accumulation anyway). Integer arguments may arrive
 import triton
 import triton.language as tl
 
-from brnpa_triton.ops.constants import DEGENERATE_SUM_RATIO, EPS
+from brnpa_triton.ops.common import DEGENERATE_SUM_RATIO, EPS
 
 EPS_C = tl.constexpr(EPS)
 RATIO_C = tl.constexpr(DEGENERATE_SUM_RATIO)
