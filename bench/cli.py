@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 from bench.environment import ALLOCATORS, reexec_with_allocator
-from bench.presets import DTYPES, MODES, RESULTS_DIR, Config, preset_groups
+from bench.presets import DTYPES, MODES, SCRATCH_DIR, Config, preset_groups
 from bench.providers import PROVIDERS
 from bench.runner import run
 
 DESCRIPTION = "One command for every BR-NPA benchmark number (guide: bench/README.md)."
 PRESET_HELP = {
-    "quick": "the default: a small grid (< 2 min on a 2-core CPU, < 3 min on one H100)",
+    "quick": "the default: a small grid (0.5-3 min on a 2-core CPU, see bench/README.md)",
     "foundation": "B=8 C=2048 28x28 K=3 fp32, library vs eager vs compiled, with the target checks",
     "full": "the whole grid (for GPUs; long: one torch.compile per problem)",
     "micro": "tiny shapes, seconds (the smoke test)",
@@ -32,7 +32,9 @@ def parse_args(argv=None):
     ap.add_argument("--modes", help=f"comma list, from: {', '.join(MODES)}")
     ap.add_argument("--dtypes", help=f"comma list, from: {', '.join(DTYPES)}")
     ap.add_argument("--budget", type=float, help="timing seconds per row (default: the preset's)")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder (default bench/results)")
+    ap.add_argument("--out", type=Path, default=SCRATCH_DIR,
+                    help=f"output folder (default {SCRATCH_DIR}, a scratch folder; "
+                         "--out bench/results replaces the committed results)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")

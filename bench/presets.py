@@ -3,6 +3,7 @@ configuration they fill in."""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import torch
 
 MODES = ("forward", "backward", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the committed results; written only with --out
+SCRATCH_DIR = Path(tempfile.gettempdir()) / "brnpa-bench"  # where a run writes unless told otherwise
 
 # The foundation problem: the size the library's speed and memory targets are stated at.
 FOUNDATION = dict(B=8, C=2048, H=28, W=28, K=3, dtype="float32")
@@ -34,7 +36,7 @@ class Config:
     device: str = "cpu"
     budget_s: float = 0.25  # timing budget per row (CPU: wall clock; CUDA: do_bench rep time)
     min_reps: int = 3
-    out_dir: Path = RESULTS_DIR
+    out_dir: Path = SCRATCH_DIR
     plot: bool = True
     progress: bool = True
     compile_backend: str = "inductor"

@@ -1,4 +1,5 @@
-"""Writing a result: the JSON record, the markdown tables and the time-vs-resolution plot."""
+"""Writing a result: the JSON record, the markdown tables and the time-vs-resolution plot
+(median with p20-p80 error bars, and the busy-machine warning when there is one)."""
 
 from __future__ import annotations
 
@@ -168,47 +169,85 @@ def markdown(result: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def plot(result: dict, path: Path) -> str | None:
-    """Time vs H*W per provider, one panel per mode; returns a reason when skipped."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        return "matplotlib not installed (pip install matplotlib): plot skipped"
+def plot_data(result: dict) -> dict | None:
+    """What the plot shows, without drawing it: the (B, C, K, dtype) with the most resolutions,
+    and per mode and provider the points (H*W, median, p20, p80) in ms; None when fewer than two
+    resolutions ran."""
     ok = [r for r in result["rows"] if r.get("status") == "ok"]
-    # the (B, C, K, dtype) with the most resolutions
-    best, series = None, {}
+    series = {}
     for r in ok:
         series.setdefault((r["B"], r["C"], r["K"], r["dtype"]), set()).add(r["H"] * r["W"])
-    if series:
-        best = max(series, key=lambda k: (len(series[k]), k[3] == "float32"))
-    if best is None or len(series[best]) < 2:
-        return "fewer than two resolutions in this run: plot skipped"
-    modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    if not series:
+        return None
+    best = max(series, key=lambda k: (len(series[k]), k[3] == "float32"))
+    if len(series[best]) < 2:
+        return None
+    sel = [r for r in ok if (r["B"], r["C"], r["K"], r["dtype"]) == best]
+    panels = {}
+    for mode in MODES:
+        lines = {}
         for prov in PROVIDERS:
-            pts = sorted((r["H"] * r["W"], r["median_ms"]) for r in ok
-                         if r["mode"] == mode and r["provider"] == prov and (r["B"], r["C"], r["K"], r["dtype"]) == best)
+            pts = sorted((r["H"] * r["W"], r["timing"]["median_ms"], r["timing"]["p20_ms"], r["timing"]["p80_ms"])
+                         for r in sel if r["mode"] == mode and r["provider"] == prov)
             if len(pts) >= 2:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+                lines[prov] = pts
+        if lines:
+            panels[mode] = lines
+    B, C, K, dt = best
+    return {
+        "problem": dict(B=B, C=C, K=K, dtype=dt),
+        "resolutions": sorted({r["H"] * r["W"]: f"{r['H']}x{r['W']}" for r in sel}.items()),
+        "panels": panels,
+        "title": f"BR-NPA, B={B}, C={C}, K={K}, {dt}, {result['env']['device_name']}",
+        "warning": analysis.busy_warning(result),
+    }
+
+
+def figure(result: dict):
+    """The matplotlib figure of ``plot_data``: one panel per mode, median time against H*W on
+    log axes with p20-p80 error bars, the busy-machine warning in red under the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    data = plot_data(result)
+    if data is None:
+        return None
+    modes = list(data["panels"])
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4.4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for prov, pts in data["panels"][mode].items():
+            hw = [p[0] for p in pts]
+            med = [p[1] for p in pts]
+            err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+            ax.errorbar(hw, med, yerr=err, marker="o", capsize=3, label=prov)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        res = sorted({r["H"] * r["W"]: f"{r['H']}x{r['W']}" for r in ok
-                      if (r["B"], r["C"], r["K"], r["dtype"]) == best}.items())
-        ax.set_xticks([v for v, _ in res], [lab for _, lab in res])
+        ax.set_xticks([v for v, _ in data["resolutions"]], [lab for _, lab in data["resolutions"]])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("H x W (log of H*W)")
-        ax.set_ylabel("median time (ms)")
+        ax.set_ylabel("time (ms): median, bars p20-p80")
         ax.set_title(mode)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    B, C, K, dt = best
-    fig.suptitle(f"BR-NPA, B={B}, C={C}, K={K}, {dt}, {result['env']['device_name']}")
-    fig.tight_layout()
+    fig.suptitle(data["title"])
+    if data["warning"]:
+        fig.text(0.5, 0.005, "WARNING: " + data["warning"], ha="center", va="bottom", color="red", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04 if data["warning"] else 0, 1, 1))
+    return fig
+
+
+def plot(result: dict, path: Path) -> str | None:
+    """Save ``figure(result)`` to ``path``; returns a reason when skipped."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed (pip install matplotlib): plot skipped"
+    fig = figure(result)
+    if fig is None:
+        return "fewer than two resolutions in this run: plot skipped"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
