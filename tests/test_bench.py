@@ -12,6 +12,7 @@ import torch
 
 from bench import cli, report, timing
 from bench import run as bench_run
+from bench.analysis import add_ratios
 from bench.presets import RESULTS_DIR, SCRATCH_DIR
 from bench.providers import PROVIDERS, Case, availability, brnpa_eager
 
@@ -129,8 +130,6 @@ def _synthetic_result(busy: bool) -> dict:
             rows.append(dict(provider=prov, family="brnpa", mode="forward", B=2, C=8, H=hw, W=hw, K=3,
                              dtype="float32", x_bytes=1 << 20, nominal_bytes=4 << 20, status="ok", timing=t,
                              median_ms=t["median_ms"], achieved_bytes_per_s=1e9, peak_bytes=1 << 20))
-    from bench.analysis import add_ratios
-
     add_ratios(rows)
     load = (3.5, 3.0, 2.0) if busy else (0.1, 0.1, 0.1)
     return {"preset": "test", "created": "now", "duration_s": 1.0, "rows": rows, "scaling": [], "checks": [],
