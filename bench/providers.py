@@ -5,14 +5,14 @@ Every provider turns a problem ``Case`` (B, C, H, W, K, dtype, device) into a ca
 benchmark's loss is taken on, plus the learned parameters (if any) that a training step would
 also differentiate. Two families:
 
-* ``brnpa``: the BR-NPA operator of ``shared/BRNPA_SPEC.md`` (same outputs, checked against
+* ``brnpa``: the BR-NPA operator of ``docs/SPEC.md`` (same outputs, checked against
   the reference in tests/test_bench.py): the library per backend, the per-image reference
   loop, an authors'-style batched eager implementation and ``torch.compile`` of it;
 * ``baseline``: the paper's parametric comparison point, bilinear attention pooling
   (B-CNN / WS-DAN): a different operator with the same output size, (B, M=K, C).
 
-``brnpa_eager`` below is written for this project from the description of the authors' code
-in the spec (batched over images, one python loop over parts, and for every part the two
+``brnpa_eager`` below is written for this project after the structure of the authors' code
+(batched over images, one python loop over parts, and for every part the two
 (B, N, C)-sized products ``x * seed`` and ``x * map`` materialised by broadcasting, forward
 and, through autograd, backward). It is the cost model of the original code, not a copy of it.
 """
@@ -68,7 +68,7 @@ class Built:
 @dataclass(frozen=True)
 class Provider:
     name: str
-    family: str  # "brnpa" (the spec's operator) or "baseline" (a different operator)
+    family: str  # "brnpa" (docs/SPEC.md's operator) or "baseline" (a different operator)
     description: str
     build: Callable[..., Built]
     available: Callable[[torch.device], str | None]  # None when usable, else the reason

@@ -22,9 +22,13 @@ mark, its outputs included.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
+import os
 import statistics
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -126,13 +130,42 @@ def peak_memory_cuda(fn: Callable[[], object], device: torch.device) -> int:
     return int(peak)
 
 
+# Kineto writes a line per profiler start/stop/stage straight to file descriptor 2, which would
+# interleave with the progress bar; these prefixes mark them.
+_PROFILER_LOG_PREFIXES = (b"USDT:", b"STAGE:")
+
+
+@contextlib.contextmanager
+def _without_profiler_log():
+    """Capture what C++ code writes to fd 2 meanwhile; pass on all but the profiler's lines."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (embedded interpreter): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept = [ln for ln in sink.read().splitlines(keepends=True) if not ln.startswith(_PROFILER_LOG_PREFIXES)]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
 def peak_memory_cpu(fn: Callable[[], object]) -> int:
     """Peak of the live bytes c10 allocates during ``fn()`` (see the module docstring)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-        del out
+    with _without_profiler_log():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+            del out
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
     events.sort(key=lambda e: e.start_ns())

@@ -1,14 +1,19 @@
-"""Smoke test of bench/: every BR-NPA provider agrees with the reference on a tiny shape, the
-baseline runs, and the runner writes its JSON/markdown with the documented schema. Fast (< 20 s):
-torch.compile is exercised with the "aot_eager" backend (no C++ compile)."""
+"""Tests of bench/: every BR-NPA provider agrees with the reference on a tiny shape, the
+baseline runs, the runner writes its JSON/markdown with the documented schema to a scratch
+folder unless ``--out`` names one, and the markdown and the plot carry the p20-p80 spread and
+the busy-machine warning. Fast (< 20 s): torch.compile is exercised with the "aot_eager"
+backend (no C++ compile). The library's own memory test is tests/test_torch_impl_memory.py."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from bench import cli, report, timing
 from bench import run as bench_run
-from bench import timing
+from bench.analysis import add_ratios
+from bench.presets import RESULTS_DIR, SCRATCH_DIR
 from bench.providers import PROVIDERS, Case, availability, brnpa_eager
 
 CASE = Case(2, 6, 4, 5, 3, torch.float64)
@@ -70,9 +75,26 @@ def test_cpu_peak_memory_probe():
     assert timing.peak_memory_cpu(f) == 3 << 20
 
 
-def test_runner_micro_schema(tmp_path):
-    result = bench_run.main(["--micro", "--out", str(tmp_path), "--compile-backend", "aot_eager", "--no-plot",
-                             "--no-progress"])
+def _snapshot(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} if folder.exists() else {}
+
+
+def test_out_defaults_to_a_scratch_folder():
+    assert cli.parse_args([]).out == SCRATCH_DIR
+    assert RESULTS_DIR not in (SCRATCH_DIR, *SCRATCH_DIR.parents)
+    assert cli.config_from_args(cli.parse_args(["--micro"])).out_dir == SCRATCH_DIR
+    assert cli.config_from_args(cli.parse_args(["--micro", "--out", "x/y"])).out_dir == Path("x/y")
+
+
+def test_runner_micro_schema(tmp_path, monkeypatch, capfd):
+    """Without --out the run writes to the scratch folder (here a temporary one) and leaves the
+    committed results alone; the profiler's log lines do not reach the terminal."""
+    monkeypatch.setattr(cli, "SCRATCH_DIR", tmp_path)
+    committed = _snapshot(RESULTS_DIR)
+    result = bench_run.main(["--micro", "--compile-backend", "aot_eager", "--no-plot", "--no-progress"])
+    assert _snapshot(RESULTS_DIR) == committed
+    captured = capfd.readouterr()
+    assert "profiler_start" not in captured.err + captured.out
     files = {p.name for p in tmp_path.iterdir()}
     assert {"cpu-micro.json", "cpu-micro.md"} <= files
     data = json.loads((tmp_path / "cpu-micro.json").read_text())
@@ -98,22 +120,50 @@ def test_runner_micro_schema(tmp_path):
     assert result["rows"] and result["files"]
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_library_training_step_allocates_only_dx_at_feature_size(layout):
-    """Forward + backward of the PyTorch path: besides dX, nothing of size (B, N, C) is allocated
-    (the norms' channel blocks are at most a quarter of X)."""
-    case = Case(2, 256, 8, 8, 3)
-    x = case.make_input()
-    if layout == "channels_last":
-        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-    g = torch.randn(case.B, case.K, case.C)
+def _synthetic_result(busy: bool) -> dict:
+    """A result record with two resolutions of one problem and known spreads."""
+    rows = []
+    for prov, scale in (("brnpa-torch", 1.0), ("eager", 3.0)):
+        for hw, (p20, med, p80) in ((14, (1.0, 1.5, 2.5)), (28, (4.0, 5.0, 7.0))):
+            t = {"median_ms": med * scale, "p20_ms": p20 * scale, "p80_ms": p80 * scale, "min_ms": p20 * scale,
+                 "reps": 5, "method": "perf_counter"}
+            rows.append(dict(provider=prov, family="brnpa", mode="forward", B=2, C=8, H=hw, W=hw, K=3,
+                             dtype="float32", x_bytes=1 << 20, nominal_bytes=4 << 20, status="ok", timing=t,
+                             median_ms=t["median_ms"], achieved_bytes_per_s=1e9, peak_bytes=1 << 20))
+    add_ratios(rows)
+    load = (3.5, 3.0, 2.0) if busy else (0.1, 0.1, 0.1)
+    return {"preset": "test", "created": "now", "duration_s": 1.0, "rows": rows, "scaling": [], "checks": [],
+            "env": {"device": "cpu", "device_name": "test CPU", "torch": "x", "triton": None, "torch_threads": 2,
+                    "git_commit": None, "git_dirty": False, "cpu_count": 2, "allocator": "default"},
+            "loadavg": {"start": load, "end": load}, "config": {"budget_s": 0.1, "rounds": 1},
+            "copy_bandwidth": {"bytes_per_s": 1e10},
+            "providers": {p: {"family": "brnpa", "status": "ok", "description": p} for p in ("brnpa-torch", "eager")}}
 
-    def step():
-        out = PROVIDERS["brnpa-torch"].build(case).fn(x)
-        return torch.autograd.grad((out[0] * g).sum() + out[1].square().sum(), x)
 
-    peak = timing.peak_memory_cpu(step)
-    # dX, plus a few dozen part-sized tensors ((B, K, N) and (B, K, C)); one more (B, N, C)
-    # temporary (x_bytes) would not fit in that allowance.
-    part_sized = 4 * case.B * case.K * (case.N + case.C)
-    assert case.x_bytes <= peak < case.x_bytes + 16 * part_sized < 2 * case.x_bytes
+@pytest.mark.parametrize("busy", [True, False])
+def test_markdown_and_plot_carry_spread_and_busy_warning(busy):
+    result = _synthetic_result(busy)
+    md = report.markdown(result)
+    assert "p20-p80 ms" in md and "| 4-7 |" in md and "| 12-21 |" in md  # eager's 28x28 spread: 3x (4, 7)
+    assert ("machine was busy" in md) == busy
+    data = report.plot_data(result)
+    assert data["panels"]["forward"]["eager"] == [(196, 4.5, 3.0, 7.5), (784, 15.0, 12.0, 21.0)]
+    assert (data["warning"] is not None) == busy
+    if busy:
+        assert "3.50" in data["warning"]
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    fig = report.figure(result)
+    try:
+        (ax,) = fig.axes
+        bars = {c.get_label(): c for c in ax.containers if isinstance(c, ErrorbarContainer)}
+        assert set(bars) == {"brnpa-torch", "eager"}
+        (vertical,) = bars["eager"].lines[2]
+        spans = sorted((seg[0][1], seg[1][1]) for seg in vertical.get_segments())
+        assert spans == [(3.0, 7.5), (12.0, 21.0)]
+        texts = " ".join(t.get_text() for t in fig.texts)
+        assert ("busy machine" in texts) == busy
+    finally:
+        plt.close(fig)
