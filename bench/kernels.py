@@ -53,6 +53,7 @@ BENCH_SHAPES = ((32, 2048, 14, 14), (16, 2048, 56, 56), (64, 512, 28, 28))  # (B
 BENCH_DTYPES = ("fp32", "bf16")
 LAYOUTS = ("nchw", "channels_last")
 ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
+DRAM_LATENCY_S = 700e-9  # a load's round trip to DRAM, for the one-tile-in-flight bound
 
 
 @dataclass(frozen=True)
@@ -675,11 +676,20 @@ def shape_rows(col: Collected, compiled: dict) -> list[dict]:
         xb = _x_bytes(r)
         moved = sum(ln["repeats"] * (ln["bytes_read"] + ln["bytes_written"]) for ln in launches)
         per_launch = []
+        latency_s = 0.0
         for ln in launches:
             programs = math.prod(ln["grid"])
             res = compiled.get(ln["compiled"].get(str(card.cc)))
             stream = _streaming(res)
             widths = sorted({int(w) for lp in stream for w in lp["x_tile_load_widths"]})
+            tile = min((sum(int(w) // 8 * n for w, n in lp["x_tile_load_widths"].items()) for lp in stream), default=0)
+            tile *= res.get("threads_per_block", 0) if res else 0
+            concurrent = min(programs, card.sm_count * (res or {}).get("blocks_per_sm", 0))
+            if tile and concurrent:
+                latency_s += ln["repeats"] * (ln["bytes_read"] / (concurrent * tile / DRAM_LATENCY_S)
+                                              + ln["bytes_written"] / card.peak_bytes_per_s)
+            else:
+                latency_s += ln["repeats"] * (ln["bytes_read"] + ln["bytes_written"]) / card.peak_bytes_per_s
             per_launch.append({
                 "name": ln["name"], "grid": ln["grid"], "repeats": ln["repeats"], "programs": programs,
                 "programs_per_sm": round(programs / card.sm_count, 3),
@@ -688,6 +698,7 @@ def shape_rows(col: Collected, compiled: dict) -> list[dict]:
                 "streaming_loops": len(stream),
                 "x_load_widths_bits": widths,
                 "bar_sync_in_streaming_loops": [lp["bar_sync"] for lp in stream],
+                "x_tile_bytes_per_iteration": tile,
                 "bytes_read": ln["bytes_read"], "bytes_written": ln["bytes_written"],
             })
         row = rows.setdefault(key, {
@@ -701,7 +712,8 @@ def shape_rows(col: Collected, compiled: dict) -> list[dict]:
         row["cards"][r["card"]] = {
             "target": f"sm_{card.cc}", "sm_count": card.sm_count, "peak_tb_per_s": card.peak_bytes_per_s / 1e12,
             "launches": per_launch, "bytes_moved": moved,
-            "bandwidth_bound_us": moved / card.peak_bytes_per_s * 1e6, **floors,
+            "bandwidth_bound_us": moved / card.peak_bytes_per_s * 1e6,
+            "one_tile_in_flight_us": max(latency_s, moved / card.peak_bytes_per_s) * 1e6, **floors,
         }
     return list(rows.values())
 
@@ -750,12 +762,18 @@ def build_report(col: Collected, compiled: dict, targets) -> dict:
             "dynamic + static shared memory + 1 KB reserved per block, and the blocks-per-SM cap.",
             "X's loads in a loop that streams X: the load sites (source line and inlining chain) moving at "
             "least half as many bytes per iteration as the busiest site of that loop.",
+            "One-tile-in-flight bound: each program keeps one iteration's X tile (the smallest over its loops "
+            "that stream X) in flight for a 700 ns DRAM round trip, as when a barrier or reduction separates "
+            "iterations; the programs that fit at once share it. Pessimistic for loops the compiler pipelines.",
             "Benchmark plans: refine=True, seeds from the norms, K=3.",
         ],
         "shapes": shape_rows(col, compiled),
         "variants": variant_rows(col, compiled),
         "errors": [{"job": r["job"], "error": r["error"]} for r in compiled.values() if "error" in r],
     }
+
+
+_DIR = {"forward": "fwd", "backward": "bwd"}
 
 
 def _us(v: float) -> str:
@@ -803,25 +821,25 @@ def render_markdown(rep: dict) -> str:
                           for lh, la in zip(h["launches"], lns_a))
         widths = "<br>".join(",".join(map(str, ln["x_load_widths_bits"])) or "-" for ln in h["launches"])
         bars = "<br>".join(",".join(map(str, ln["bar_sync_in_streaming_loops"])) or "-" for ln in h["launches"])
-        out.append(f"| {row['B']}, {row['C']}, {row['HxW']} | {row['dtype']} | {row['layout']} | {row['direction'][:3]} "
+        out.append(f"| {row['B']}, {row['C']}, {row['HxW']} | {row['dtype']} | {row['layout']} | {_DIR[row['direction']]} "
                    f"| {grids} | {pps} | {res} | {widths} | {bars} |")
 
     out += ["", "## Benchmark shapes: bytes and bandwidth-bound times (us)", "",
-            "Bandwidth-bound time: the plan's bytes at the card's peak. Floors: one read of X; forward (K+1) reads; "
-            "backward one read plus one write of X.", "",
-            "| B, C, HxW | dtype | layout | dir | X MB | moved MB | H100 est | H100 1-read | H100 floor | A100 est | A100 1-read | A100 floor |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "Est: the plan's bytes at the card's peak. Floors: one read of X; forward (K+1) reads; "
+            "backward one read plus one write of X. 1 tile in flight: the latency bound described above.", "",
+            "| B, C, HxW | dtype | layout | dir | X MB | moved MB | H100 est | H100 1-read | H100 floor | H100 1 tile in flight | A100 est | A100 1-read | A100 floor | A100 1 tile in flight |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rep["shapes"]:
         cells = []
         for card in ("H100", "A100"):
             c = row["cards"].get(card)
             if not c:
-                cells += ["-"] * 3
+                cells += ["-"] * 4
                 continue
             floor = c.get("k_plus_1_reads_us", c.get("read_and_write_us"))
-            cells += [_us(c["bandwidth_bound_us"]), _us(c["one_read_us"]), _us(floor)]
+            cells += [_us(c["bandwidth_bound_us"]), _us(c["one_read_us"]), _us(floor), _us(c["one_tile_in_flight_us"])]
         moved = row["cards"].get("H100", row["cards"].get("A100", {})).get("bytes_moved", 0)
-        out.append(f"| {row['B']}, {row['C']}, {row['HxW']} | {row['dtype']} | {row['layout']} | {row['direction'][:3]} "
+        out.append(f"| {row['B']}, {row['C']}, {row['HxW']} | {row['dtype']} | {row['layout']} | {_DIR[row['direction']]} "
                    f"| {row['x_bytes'] / 1e6:.1f} | {moved / 1e6:.1f} | " + " | ".join(cells) + " |")
 
     targets = rep["targets"]
