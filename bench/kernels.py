@@ -760,8 +760,9 @@ def build_report(col: Collected, compiled: dict, targets) -> dict:
             "Bytes per launch are the plan's own figures (DRAM traffic; re-reads that hit cache are not counted).",
             "Resident blocks per SM: registers rounded to 256 per warp over four sub-partitions, threads, "
             "dynamic + static shared memory + 1 KB reserved per block, and the blocks-per-SM cap.",
-            "X's loads in a loop that streams X: the load sites (source line and inlining chain) moving at "
-            "least half as many bytes per iteration as the busiest site of that loop.",
+            "X's loads: load sites (source line and inlining chain) whose statement uses a pointer derived from "
+            "x_ptr; its tile loads, in a loop that streams X, are those moving at least half as many bytes per "
+            "iteration as the busiest X site of that loop (a tile, not a gathered seed row).",
             "One-tile-in-flight bound: each program keeps one iteration's X tile (the smallest over its loops "
             "that stream X) in flight for a 700 ns DRAM round trip, as when a barrier or reduction separates "
             "iterations; the programs that fit at once share it. Pessimistic for loops the compiler pipelines.",
@@ -899,7 +900,7 @@ def render_markdown(rep: dict) -> str:
 def write_report(rep: dict, out_dir: Path, stem: str = "kernels-static") -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    js.write_text(json.dumps(rep, indent=1) + "\n")
+    js.write_text(json.dumps(rep, separators=(",", ":")) + "\n")  # compact: per-loop detail of every variant
     md.write_text(render_markdown(rep))
     return js, md
 
