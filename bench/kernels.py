@@ -672,7 +672,7 @@ def shape_rows(col: Collected, compiled: dict) -> list[dict]:
             continue
         key = (r["B"], r["C"], r["H"], r["W"], r["dtype"], r["layout"], r["kind"])
         card = CARDS[r["card"]]
-        (label, launches), = col.plans[request_label(r)]
+        (_label, launches), = col.plans[request_label(r)]
         xb = _x_bytes(r)
         moved = sum(ln["repeats"] * (ln["bytes_read"] + ln["bytes_written"]) for ln in launches)
         per_launch = []

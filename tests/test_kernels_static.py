@@ -105,7 +105,7 @@ def test_load_width_bits(opcode, bits):
 
 
 def test_loops_map_to_marked_for_lines_and_count_barriers_and_x_loads(synthetic):
-    text, src = synthetic
+    text = synthetic[0]
     loops = bk.analyse_sass(text, bk.SourceIndex())["loops"]
     outer, inner = loops
     assert (outer["source"], outer["streams_x"]) == ("kern.py:11", True)
@@ -214,7 +214,7 @@ def _describe(r) -> str:
 
 
 def test_every_launch_compiles(compiled):
-    col, results = compiled
+    results = compiled[1]
     errors = [_describe(r) for r in results.values() if "error" in r]
     assert not errors, "\n".join(errors)
     for cc in (90, 80, 89):
@@ -222,7 +222,7 @@ def test_every_launch_compiles(compiled):
 
 
 def test_no_register_spills_on_any_target(compiled):
-    col, results = compiled
+    results = compiled[1]
     bad = [f"sm_{r['job']['cc']} {bk.request_label(r['job']['request'])} launch {r['job']['launch']}: "
            f"REG={r.get('registers')} LOCAL={r.get('local_bytes')} STACK={r.get('stack_bytes')}"
            for r in results.values()
@@ -233,7 +233,6 @@ def test_no_register_spills_on_any_target(compiled):
 def test_every_benchmark_plan_has_a_loop_that_streams_x(compiled):
     """The SASS loops map back to the source loops that stream X (else the structure tests
     below would pass for want of loops)."""
-    col, results = compiled
     per_plan = {}
     for r, row, res in _bench_launches(*compiled):
         n = sum(lp["streams_x"] for lp in res.get("loops", []))
@@ -258,7 +257,7 @@ def test_report_says_it_is_a_static_proxy(compiled):
 
 @NEEDS_PLANS
 def test_no_barrier_inside_loops_that_stream_x(compiled):
-    col, results = compiled
+    results = compiled[1]
     bad = [f"sm_90 {bk.request_label(r['job']['request'])} launch {r['job']['launch']}: loop {lp['source']} "
            f"has {lp['barriers']} barriers ({lp['bar_sync']} BAR.SYNC)"
            for r in results.values() if r["job"]["cc"] == 90
