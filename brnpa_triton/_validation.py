@@ -47,6 +47,17 @@ def check_finite(name: str, features: torch.Tensor) -> None:
         raise ValueError(f"{name} must be finite (check_finite=True); got NaN or Inf values")
 
 
+def check_norms_finite(name: str, norms: torch.Tensor) -> None:
+    """After the op: finite features whose norm ||x_n|| overflows the accumulation dtype."""
+    if not bool(torch.isfinite(norms).all()):
+        raise ValueError(
+            f"{name} have positions whose norm overflows {str(norms.dtype).replace('torch.', '')} "
+            f"(largest finite value {torch.finfo(norms.dtype).max:.3g}), so their outputs are not finite "
+            "(check_finite=True); scale the features down (maps and seeds do not depend on the scale, "
+            "up to eps) or pass float64 features"
+        )
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """Equal devices, a missing CUDA index meaning the current device."""
     def normal(d):

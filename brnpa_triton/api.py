@@ -99,7 +99,9 @@ def _run(x, features, num_parts, refine, seeds, generator, noise, order, backend
     else:
         seed_indices = x.new_empty(0, dtype=torch.int64)
 
-    vectors, maps, indices, activity, norms, _, _ = BRNPAFunction.apply(
+    vectors, maps, indices, activity, norms, saved_norms, _ = BRNPAFunction.apply(
         x, num_parts, bool(refine), seed_indices, order == "activity", backend
     )
+    if finite:
+        check.check_norms_finite("features" if features.dim() == 4 else "tokens", saved_norms)
     return BRNPAOutput(vectors, maps, indices, activity, norms)
