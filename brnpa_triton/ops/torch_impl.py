@@ -33,9 +33,9 @@ def _gather_positions(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return x.gather(2, indices[:, None, :].expand(B, C, -1)).transpose(1, 2)
 
 
-# Temporaries of the blocked passes (and float16/bfloat16 blocks upcast to float32) stay
-# below this: a small fraction of any large input.
-BLOCK_BYTES = 8 << 20
+# float16/bfloat16 features are upcast to float32 a block of positions at a time, each block
+# at most this: a small fraction of any large input.
+BLOCK_BYTES = 4 << 20
 # The per-column accumulators of a pass over NCHW-like x: small enough to stay in cache.
 ACCUMULATOR_BYTES = 1 << 20
 # The product temporaries of a pass over channels_last / tokens x.
@@ -330,9 +330,9 @@ def _backward_images(
     else:
         left, right = seeds_scaled.transpose(1, 2), simbar_over_rho
     for s in slices:
-        block = x[:, :, s].to(ct)
-        dx = out[:, :, s] if out.dtype == ct else torch.empty_like(block)
-        torch.mul(block, radial[:, None, s], out=dx)
+        block = x[:, :, s]
+        dx = out[:, :, s] if out.dtype == ct else torch.empty(block.shape, dtype=ct, device=x.device)
+        torch.mul(block, radial[:, None, s], out=dx)  # float16/bfloat16 blocks are read in place
         dx.baddbmm_(left, right[:, :, s])
         _add_seed_rows(dx, saved.indices, seed_grad, s, N)
         if dx.dtype != out.dtype:
