@@ -42,18 +42,11 @@ def brnpa(
     ``check_finite=True`` rejects NaN/Inf input (this synchronises with the device).
     """
     check.check_features("features", features, "BCHW")
-    B, C, H, W = features.shape
-    out = _run(
-        features.flatten(2), features, num_parts, refine, seeds, generator, noise, order, backend,
-        check_finite, noise_shape=(B, num_parts, H, W),
+    options = check.make_options(
+        num_parts, refine=refine, seeds=seeds, order=order, backend=backend, check_finite=check_finite,
+        positions=features.shape[2] * features.shape[3],
     )
-    return BRNPAOutput(
-        out.vectors,
-        out.maps.unflatten(2, (H, W)),
-        out.indices,
-        out.activity,
-        out.norms.unflatten(1, (H, W)),
-    )
+    return run(features, options, generator=generator, noise=noise)
 
 
 def brnpa_tokens(
@@ -73,35 +66,45 @@ def brnpa_tokens(
     ``maps`` come out as (B, K, N), ``norms`` as (B, N) and ``noise`` is (B, K, N).
     """
     check.check_features("tokens", tokens, "BNC")
-    B, N, _ = tokens.shape
-    return _run(
-        tokens.transpose(1, 2), tokens, num_parts, refine, seeds, generator, noise, order, backend,
-        check_finite, noise_shape=(B, num_parts, N),
+    options = check.make_options(
+        num_parts, refine=refine, seeds=seeds, order=order, backend=backend, check_finite=check_finite,
+        positions=tokens.shape[1],
     )
+    return run(tokens, options, generator=generator, noise=noise)
 
 
-def _run(x, features, num_parts, refine, seeds, generator, noise, order, backend, finite, noise_shape):
-    """x is the (B, C, N) view of ``features``; outputs are (B, K, N)-shaped."""
-    B, C, N = x.shape
-    check.check_num_parts(num_parts, N)
-    check.check_choice("seeds", seeds, check.SEED_MODES)
-    check.check_choice("order", order, check.ORDERS)
-    check.check_choice("backend", backend, check.BACKENDS)
-    check.check_random_source(seeds, generator, noise, noise_shape, features.device)
-    if finite:
-        check.check_finite("features" if features.dim() == 4 else "tokens", features)
-    backend = resolve_backend(backend, features.device)
+def run(features: torch.Tensor, options: check.Options, *, generator=None, noise=None) -> BRNPAOutput:
+    """BR-NPA of checked ``options`` over (B, C, H, W) maps or (B, N, C) tokens (by dims).
 
-    if seeds == "random":
+    ``brnpa``, ``brnpa_tokens`` and the modules (which check their options once, at
+    construction) all end here.
+    """
+    maps_input = features.dim() == 4
+    name = "features" if maps_input else "tokens"
+    if maps_input:
+        B, C, H, W = features.shape
+        x, spatial = features.flatten(2), (H, W)  # (B, C, N) view
+    else:
+        B, N, C = features.shape
+        x, spatial = features.transpose(1, 2), (N,)
+    K = options.num_parts
+    N = x.shape[2]
+    check.check_num_parts(K, N)
+    check.check_random_source(options.seeds, generator, noise, (B, K, *spatial), features.device)
+    if options.check_finite:
+        check.check_finite(name, features)
+    backend = resolve_backend(options.backend, features.device)
+
+    if options.seeds == "random":
         if noise is None:
-            noise = torch.rand(noise_shape, generator=generator, device=features.device)
-        seed_indices = noise.reshape(B, num_parts, N).argmax(dim=2)  # lowest index on ties
+            noise = torch.rand((B, K, *spatial), generator=generator, device=features.device)
+        seed_indices = noise.reshape(B, K, N).argmax(dim=2)  # lowest index on ties
     else:
         seed_indices = x.new_empty(0, dtype=torch.int64)
 
     vectors, maps, indices, activity, norms, saved_norms, _ = BRNPAFunction.apply(
-        x, num_parts, bool(refine), seed_indices, order == "activity", backend
+        x, K, options.refine, seed_indices, options.order == "activity", backend
     )
-    if finite:
-        check.check_norms_finite("features" if features.dim() == 4 else "tokens", saved_norms)
-    return BRNPAOutput(vectors, maps, indices, activity, norms)
+    if options.check_finite:
+        check.check_norms_finite(name, saved_norms)
+    return BRNPAOutput(vectors, maps.unflatten(2, spatial), indices, activity, norms.unflatten(1, spatial))
