@@ -109,20 +109,27 @@ def make_options(
 
 
 def check_finite(name: str, features: torch.Tensor) -> None:
-    """Opt-in: reading the answer synchronises with the device."""
-    if not bool(torch.isfinite(features).all()):
-        raise ValueError(f"{name} must be finite (check_finite=True); got NaN or Inf values")
+    """Opt-in: reading the answer synchronises with the device. Under torch.compile the check
+    is an assertion inside the graph (``torch._assert_async``), which raises RuntimeError."""
+    _assert(torch.isfinite(features).all(), f"{name} must be finite (check_finite=True); got NaN or Inf values")
 
 
 def check_norms_finite(name: str, norms: torch.Tensor) -> None:
     """After the op: finite features whose norm ||x_n|| overflows the accumulation dtype."""
-    if not bool(torch.isfinite(norms).all()):
-        raise ValueError(
-            f"{name} have positions whose norm overflows {str(norms.dtype).replace('torch.', '')} "
-            f"(largest finite value {torch.finfo(norms.dtype).max:.3g}), so their outputs are not finite "
-            "(check_finite=True); scale the features down (maps and seeds do not depend on the scale, "
-            "up to eps) or pass float64 features"
-        )
+    _assert(
+        torch.isfinite(norms).all(),
+        f"{name} have positions whose norm overflows {str(norms.dtype).replace('torch.', '')} "
+        f"(largest finite value {torch.finfo(norms.dtype).max:.3g}), so their outputs are not finite "
+        "(check_finite=True); scale the features down (maps and seeds do not depend on the scale, "
+        "up to eps) or pass float64 features",
+    )
+
+
+def _assert(ok: torch.Tensor, message: str) -> None:
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, message)  # traceable: no data-dependent Python branch
+    elif not bool(ok):
+        raise ValueError(message)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

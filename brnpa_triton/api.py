@@ -8,7 +8,7 @@ import torch
 
 from brnpa_triton import _validation as check
 from brnpa_triton.dispatch import resolve_backend
-from brnpa_triton.ops.autograd import BRNPAFunction
+from brnpa_triton.ops.autograd import BRNPAFunction, TracedBRNPAFunction
 
 
 class BRNPAOutput(NamedTuple):
@@ -73,6 +73,25 @@ def brnpa_tokens(
     return run(tokens, options, generator=generator, noise=noise)
 
 
+_UNTRACEABLE_GENERATOR = (
+    "seeds='random' with generator=... cannot be traced by torch.compile(fullgraph=True): Dynamo "
+    "cannot pass a torch.Generator into a graph. Draw the noise outside the compiled function, "
+    "noise = torch.rand((B, K, H, W), generator=g) ((B, K, N) for tokens), and pass noise=noise "
+    "(modules: forward(x, noise=noise)); without fullgraph=True the noise is drawn eagerly"
+)
+
+
+def _draw_noise(shape, generator: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+
+
+# torch.compile runs the draw eagerly (a graph break); with fullgraph=True its error gives the reason.
+try:
+    _draw_noise = torch.compiler.disable(_draw_noise, reason=_UNTRACEABLE_GENERATOR)
+except TypeError:  # torch < 2.6 has no reason=
+    _draw_noise = torch.compiler.disable(_draw_noise)
+
+
 def run(features: torch.Tensor, options: check.Options, *, generator=None, noise=None) -> BRNPAOutput:
     """BR-NPA of checked ``options`` over (B, C, H, W) maps or (B, N, C) tokens (by dims).
 
@@ -97,12 +116,13 @@ def run(features: torch.Tensor, options: check.Options, *, generator=None, noise
 
     if options.seeds == "random":
         if noise is None:
-            noise = torch.rand((B, K, *spatial), generator=generator, device=features.device)
+            noise = _draw_noise((B, K, *spatial), generator, features.device)
         seed_indices = noise.reshape(B, K, N).argmax(dim=2)  # lowest index on ties
     else:
         seed_indices = x.new_empty(0, dtype=torch.int64)
 
-    vectors, maps, indices, activity, norms, saved_norms, _ = BRNPAFunction.apply(
+    function = TracedBRNPAFunction if torch.compiler.is_compiling() else BRNPAFunction
+    vectors, maps, indices, activity, norms, saved_norms, _ = function.apply(
         x, K, options.refine, seed_indices, options.order == "activity", backend
     )
     if options.check_finite:
