@@ -82,14 +82,14 @@ _UNTRACEABLE_GENERATOR = (
 
 
 def _draw_noise(shape, generator: torch.Generator, device) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # A generator cannot enter a graph: break it here (the draw runs eagerly), and give
+        # fullgraph=True users the reason and the way out. (Imported here: torch._dynamo takes
+        # seconds to import, and is already loaded whenever something is being compiled.)
+        from torch._dynamo import graph_break
+
+        graph_break(msg=_UNTRACEABLE_GENERATOR)
     return torch.rand(shape, generator=generator, device=device)
-
-
-# torch.compile runs the draw eagerly (a graph break); with fullgraph=True its error gives the reason.
-try:
-    _draw_noise = torch.compiler.disable(_draw_noise, reason=_UNTRACEABLE_GENERATOR)
-except TypeError:  # torch < 2.6 has no reason=
-    _draw_noise = torch.compiler.disable(_draw_noise)
 
 
 def run(features: torch.Tensor, options: check.Options, *, generator=None, noise=None) -> BRNPAOutput:

@@ -117,4 +117,4 @@ class BRNPABackwardFunction(torch.autograd.Function):
 
 
 # The custom op's own autograd rule (opcheck, direct op users) is the same one.
-brnpa_forward.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("brnpa_triton::forward", _backward, setup_context=_setup_context)
