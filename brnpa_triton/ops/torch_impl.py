@@ -37,7 +37,7 @@ def _gather_positions(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 # at most this: a small fraction of any large input.
 BLOCK_BYTES = 4 << 20
 # The per-column accumulators of a pass over NCHW-like x: small enough to stay in cache.
-ACCUMULATOR_BYTES = 1 << 20
+ACCUMULATOR_BYTES = 512 << 10
 # The product temporaries of a pass over channels_last / tokens x.
 DOT_BLOCK_BYTES = 2 << 20
 
@@ -46,7 +46,17 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _column_dots(x: torch.Tensor, weights: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+def _accumulator(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """The (B, G, N) accumulator of ``_column_dots`` over NCHW-like x; one per forward, reused by
+    its passes (a fresh one per pass would pay its page faults every time)."""
+    B, C, N = x.shape
+    rows = max(1, min(C, ACCUMULATOR_BYTES // (B * N * _element_size(acc))))
+    return torch.empty(B, rows, N, dtype=acc, device=x.device)
+
+
+def _column_dots(
+    x: torch.Tensor, weights: torch.Tensor | None, acc: torch.dtype, workspace: torch.Tensor | None = None
+) -> torch.Tensor:
     """sum_c x_cn w_c for x (B, C, N) and weights w (B, C), as (B, N) in ``acc``: one pass over
     x, float16/bfloat16 upcast a block at a time. ``weights=None`` gives the squared norms,
     or, where C is contiguous, the norms (see ``_norms``).
@@ -69,8 +79,10 @@ def _column_dots(x: torch.Tensor, weights: torch.Tensor | None, acc: torch.dtype
             else:
                 out[:, lo : lo + step] = (block.to(acc) * weights[:, :, None]).sum(1)
         return out
-    rows = max(1, min(C, ACCUMULATOR_BYTES // (B * N * _element_size(acc))))
-    total = torch.zeros(B, rows, N, dtype=acc, device=x.device)
+    if workspace is None:
+        workspace = _accumulator(x, acc)
+    rows = workspace.shape[1]
+    total = workspace.zero_()
     for lo in range(0, C, rows):
         block = x[:, lo : lo + rows]
         other = block if weights is None else weights[:, lo : lo + rows, None]
@@ -85,7 +97,7 @@ def _sum_channels_elementwise(t: torch.Tensor) -> torch.Tensor:
         odd = t.shape[1] % 2
         t[:, odd : odd + half] += t[:, odd + half :]  # keeps the first (odd) row aside
         t = t[:, : odd + half]
-    return t[:, 0].contiguous()  # (B, N) outputs are contiguous
+    return t[:, 0].clone()  # contiguous, and not a view of the reused accumulator
 
 
 def _small_norm(dtype: torch.dtype) -> float:
@@ -102,7 +114,7 @@ def _scaled_norms(rows: torch.Tensor) -> torch.Tensor:
     return (torch.linalg.vector_norm(rows / safe, dim=-1, keepdim=True) * scale).squeeze(-1)
 
 
-def _norms(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+def _norms(x: torch.Tensor, acc: torch.dtype, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """||x_n|| over C for x (B, C, N), in ``acc``, accurate for every finite x whose norms are finite.
 
     The plain sum of squares (one pass) serves every column whose result is comfortably inside
@@ -111,7 +123,7 @@ def _norms(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     Finding those columns reads their count back to the host (a synchronisation on CUDA, where
     this backend is only the fallback).
     """
-    norms = _column_dots(x, None, acc)
+    norms = _column_dots(x, None, acc, workspace)
     if not (x.stride(1) == 1 and x.shape[1] > 1):  # the NCHW path summed squares
         norms = norms.sqrt_()
     redo = ~((norms >= _small_norm(acc)) & (norms < float("inf")))  # NaN input stays NaN
@@ -195,7 +207,8 @@ def _forward_images(
     B, C, N = x.shape
     K = num_parts
     acc = accumulation_dtype(x.dtype)
-    norms = _norms(x, acc)
+    workspace = None if x.stride(1) == 1 else _accumulator(x, acc)
+    norms = _norms(x, acc, workspace)
     rho = norms + EPS
     score = rho
     sims = torch.empty(B, K, N, dtype=acc, device=x.device)
@@ -209,7 +222,7 @@ def _forward_images(
         # sim = x_n . (r / rho_i) / rho_n: every product is at most |x_cn| and every partial
         # sum at most ||x_n||, so nothing overflows where the norms do not.
         direction = seed / rho.gather(1, idx[:, None])
-        sim = torch.div(_column_dots(x, direction, acc), rho, out=sims[:, k])
+        sim = torch.div(_column_dots(x, direction, acc, workspace), rho, out=sims[:, k])
         if seed_indices is None:
             score = score.addcmul(score, sim, value=-1.0)  # s * (1 - sim)
     indices = torch.stack(chosen, 1)
