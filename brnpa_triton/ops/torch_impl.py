@@ -39,18 +39,26 @@ BLOCK_BYTES = 4 << 20
 # The per-column accumulators of a pass over NCHW-like x: small enough to stay in cache.
 ACCUMULATOR_BYTES = 512 << 10
 # The product temporaries of a pass over channels_last / tokens x.
-DOT_BLOCK_BYTES = 2 << 20
+DOT_BLOCK_BYTES = 1 << 20
 
 
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _accumulator(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """The (B, G, N) accumulator of ``_column_dots`` over NCHW-like x; one per forward, reused by
-    its passes (a fresh one per pass would pay its page faults every time)."""
+def _workspace(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """The temporary of ``_column_dots``; one per forward, reused by its passes (a fresh one per
+    pass would pay its page faults every time).
+
+    Where C is contiguous: a block of products, (B, C, P) with C contiguous. Otherwise: the
+    (B, G, N) accumulator of G rows.
+    """
     B, C, N = x.shape
-    rows = max(1, min(C, ACCUMULATOR_BYTES // (B * N * _element_size(acc))))
+    size = _element_size(acc)
+    if x.stride(1) == 1 and C > 1:
+        step = max(1, min(N, DOT_BLOCK_BYTES // (B * C * size)))
+        return torch.empty(B, step, C, dtype=acc, device=x.device).transpose(1, 2)
+    rows = max(1, min(C, ACCUMULATOR_BYTES // (B * N * size)))
     return torch.empty(B, rows, N, dtype=acc, device=x.device)
 
 
@@ -70,19 +78,22 @@ def _column_dots(
     """
     B, C, N = x.shape
     if x.stride(1) == 1 and C > 1:
-        step = max(1, DOT_BLOCK_BYTES // (B * C * _element_size(acc)))
         out = torch.empty(B, N, dtype=acc, device=x.device)
+        if weights is None:  # the norms themselves: one contiguous reduction per column, no temporary
+            step = max(1, BLOCK_BYTES // (B * C * _element_size(acc)))
+            for lo in range(0, N, step):
+                out[:, lo : lo + step] = torch.linalg.vector_norm(x[:, :, lo : lo + step], dim=1, dtype=acc)
+            return out
+        products = _workspace(x, acc) if workspace is None else workspace
+        step = products.shape[2]
         for lo in range(0, N, step):
             block = x[:, :, lo : lo + step]
-            if weights is None:  # the norms themselves: one contiguous reduction, no temporary
-                out[:, lo : lo + step] = torch.linalg.vector_norm(block, dim=1, dtype=acc)
-            else:
-                out[:, lo : lo + step] = (block.to(acc) * weights[:, :, None]).sum(1)
+            buffer = products[:, :, : block.shape[2]]
+            torch.mul(block, weights[:, :, None], out=buffer)  # computed in acc
+            torch.sum(buffer, 1, out=out[:, lo : lo + step])
         return out
-    if workspace is None:
-        workspace = _accumulator(x, acc)
-    rows = workspace.shape[1]
-    total = workspace.zero_()
+    total = (_workspace(x, acc) if workspace is None else workspace).zero_()
+    rows = total.shape[1]
     for lo in range(0, C, rows):
         block = x[:, lo : lo + rows]
         other = block if weights is None else weights[:, lo : lo + rows, None]
@@ -110,8 +121,8 @@ def _scaled_norms(rows: torch.Tensor) -> torch.Tensor:
     """||row|| over the last dim, without overflow or underflow: each row is divided by its
     largest magnitude first (0 for an all-zero row)."""
     scale = rows.abs().amax(-1, keepdim=True)
-    safe = torch.where(scale > 0, scale, 1.0)
-    return (torch.linalg.vector_norm(rows / safe, dim=-1, keepdim=True) * scale).squeeze(-1)
+    safe = torch.where((scale > 0) & (scale < float("inf")), scale, 1.0)  # inf input: inf norm
+    return (torch.linalg.vector_norm(rows / safe, dim=-1, keepdim=True) * torch.where(scale > 0, safe, 0.0)).squeeze(-1)
 
 
 def _norms(x: torch.Tensor, acc: torch.dtype, workspace: torch.Tensor | None = None) -> torch.Tensor:
@@ -207,7 +218,7 @@ def _forward_images(
     B, C, N = x.shape
     K = num_parts
     acc = accumulation_dtype(x.dtype)
-    workspace = None if x.stride(1) == 1 else _accumulator(x, acc)
+    workspace = _workspace(x, acc)
     norms = _norms(x, acc, workspace)
     rho = norms + EPS
     score = rho
