@@ -35,11 +35,15 @@ def brnpa(
 ) -> BRNPAOutput:
     """BR-NPA pooling of a feature map ``features`` (B, C, H, W) into ``num_parts`` parts.
 
-    Any strides work (channels_last included) and nothing is copied. ``seeds="random"`` is the
+    Any strides work. The (B, C, H*W) view is read in place whenever H and W can be merged
+    (NCHW, channels_last, ...); a crop along W or transposed (H, W) is copied once by
+    ``flatten`` (see the README, "Which views are read in place"). ``seeds="random"`` is the
     paper's ablation: each part's seed is the argmax of fresh uniform noise, drawn from
     ``generator`` or given as ``noise`` (B, K, H, W); the global RNG is never touched.
     ``order="activity"`` re-ranks the parts by ``activity``, descending (stable).
-    ``check_finite=True`` rejects NaN/Inf input (this synchronises with the device).
+    ``check_finite=True`` rejects NaN/Inf input and finite input whose norms overflow the
+    accumulation dtype (this synchronises with the device; under torch.compile it is an
+    in-graph assertion).
     """
     check.check_features("features", features, "BCHW")
     options = check.make_options(
