@@ -60,19 +60,20 @@ def test_reference_breaks_exact_ties_by_lowest_position():
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("scale", (1e20, 1e30))
 def test_large_finite_inputs_give_finite_outputs_and_gradients(dtype, backend, scale):
-    f = (torch.rand(2, 8, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * scale)
-    x = f.to(dtype).requires_grad_()
-    out = bt.brnpa(x, 2, check_finite=True, backend=backend)
-    for name, t in zip(out._fields, out):
-        assert torch.isfinite(t).all(), f"{name} is not finite"
-    expected = reference(x.detach().double(), 2)
-    assert torch.equal(out.indices, expected.indices)
+    f = (torch.rand(2, 8, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * scale).to(dtype)
+    expected = reference(f.double(), 2)
     rtol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.maps.double(), expected.maps, rtol=rtol, atol=rtol)
-    torch.testing.assert_close(out.norms.double(), expected.norms, rtol=rtol, atol=0)
-    torch.testing.assert_close(out.activity.double(), expected.activity, rtol=rtol, atol=0)
-    (grad,) = torch.autograd.grad(out.vectors.sum() + out.maps.pow(2).sum() + out.activity.sum(), x)
-    assert torch.isfinite(grad).all()
+    for layout in LAYOUTS:
+        x = in_layout(f, layout).requires_grad_()
+        out = run_layout(x, layout, 3, 3, 2, check_finite=True, backend=backend)
+        for name, t in zip(out._fields, out):
+            assert torch.isfinite(t).all(), f"{layout}: {name} is not finite"
+        assert torch.equal(out.indices, expected.indices)
+        torch.testing.assert_close(out.maps.double(), expected.maps, rtol=rtol, atol=rtol)
+        torch.testing.assert_close(out.norms.double(), expected.norms, rtol=rtol, atol=0)
+        torch.testing.assert_close(out.activity.double(), expected.activity, rtol=rtol, atol=0)
+        (grad,) = torch.autograd.grad(out.vectors.sum() + out.maps.pow(2).sum() + out.activity.sum(), x)
+        assert torch.isfinite(grad).all(), layout
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -108,11 +109,12 @@ def test_check_finite_rejects_inputs_whose_norms_overflow(dtype):
 def test_tiny_features_norms_are_exact(dtype, backend):
     """Squares of 1e-30 underflow in float32; the norms are computed scaled, so they stay exact."""
     f = torch.rand(2, 16, 3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 1e-30
-    out = bt.brnpa(f.to(dtype), 3, backend=backend)
     expected = torch.linalg.vector_norm(f, dim=1)
-    torch.testing.assert_close(out.norms.double(), expected, rtol=1e-6, atol=0)
-    assert all(torch.isfinite(t).all() for t in out)
-    torch.testing.assert_close(out.maps.sum((2, 3)).double(), torch.ones(2, 3, dtype=torch.float64))
+    for layout in LAYOUTS:
+        out = run_layout(in_layout(f.to(dtype), layout), layout, 3, 4, 3, backend=backend)
+        torch.testing.assert_close(out.norms.double(), expected, rtol=1e-6, atol=0, msg=layout)
+        assert all(torch.isfinite(t).all() for t in out), layout
+        torch.testing.assert_close(out.maps.sum((2, 3)).double(), torch.ones(2, 3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
