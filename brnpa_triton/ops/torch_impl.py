@@ -55,10 +55,11 @@ def _workspace(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """
     B, C, N = x.shape
     size = _element_size(acc)
+    # At most a quarter of X too, so that small inputs get no X-sized temporary either.
     if x.stride(1) == 1 and C > 1:
-        step = max(1, min(N, DOT_BLOCK_BYTES // (B * C * size)))
+        step = max(1, min(N // 4, DOT_BLOCK_BYTES // (B * C * size)))
         return torch.empty(B, step, C, dtype=acc, device=x.device).transpose(1, 2)
-    rows = max(1, min(C, ACCUMULATOR_BYTES // (B * N * size)))
+    rows = max(1, min(C // 4, ACCUMULATOR_BYTES // (B * N * size)))
     return torch.empty(B, rows, N, dtype=acc, device=x.device)
 
 
