@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit:
             pass
         print(SELF_CHECK_HELP)
-        return 0
+        raise SystemExit(0)  # as argparse's --help does
     if "--self-check" in argv:
         if len(argv) != 1:
             print("usage: python -m brnpa_triton --self-check (takes no other argument)", file=sys.stderr)

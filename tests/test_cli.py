@@ -1,10 +1,14 @@
 """`python -m brnpa_triton --help` names both modes."""
 
+import pytest
+
 from brnpa_triton.__main__ import main
 
 
 def test_help_lists_the_demo_options_and_self_check(capsys):
-    assert main(["--help"]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "usage: python -m brnpa_triton" in text and "--out OUT" in text  # the demo's options
     assert "python -m brnpa_triton --self-check" in text and "--self-check  " in text
