@@ -75,7 +75,8 @@ def _column_dots(
     according to where it falls in its blocking, and so does ``sum`` over a non-contiguous dim
     (vector lanes and a row's tail round differently). Where C is contiguous (channels_last,
     tokens), each column is one contiguous reduction; otherwise (NCHW) G rows of elementwise
-    multiply-adds accumulate channels c = g, g + G, ..., and are then halved elementwise.
+    multiply-adds accumulate channels c = g, g + G, ..., and each column's G sums are then
+    reduced contiguously.
     """
     B, C, N = x.shape
     if x.stride(1) == 1 and C > 1:
@@ -99,17 +100,14 @@ def _column_dots(
         block = x[:, lo : lo + rows]
         other = block if weights is None else weights[:, lo : lo + rows, None]
         total[:, : block.shape[1]].addcmul_(block, other)  # computed in acc: the products are exact
-    return _sum_channels_elementwise(total)
+    return _sum_rows(total)
 
 
-def _sum_channels_elementwise(t: torch.Tensor) -> torch.Tensor:
-    """t (B, c, N) summed over c by halving with elementwise adds, in place (t is a temporary)."""
-    while t.shape[1] > 1:
-        half = t.shape[1] // 2
-        odd = t.shape[1] % 2
-        t[:, odd : odd + half] += t[:, odd + half :]  # keeps the first (odd) row aside
-        t = t[:, : odd + half]
-    return t[:, 0].clone()  # contiguous, and not a view of the reused accumulator
+def _sum_rows(t: torch.Tensor) -> torch.Tensor:
+    """t (B, G, N) summed over G, the same way for every position: made contiguous in G first,
+    so that each position is one contiguous reduction (summing over G in place would vectorise
+    across positions, and vector lanes and a row's tail round differently)."""
+    return t.transpose(1, 2).contiguous().sum(2)
 
 
 def _small_norm(dtype: torch.dtype) -> float:
