@@ -48,8 +48,23 @@ def self_check() -> int:
     return 1 if failed else 0
 
 
+SELF_CHECK_HELP = """
+other mode: python -m brnpa_triton --self-check
+  --self-check          check the operator instead of running the demo: which backends run here,
+                        and a quick correctness check of each (takes no other argument)"""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        from brnpa_triton.demo import main as demo_main
+
+        try:
+            demo_main(["--help"])  # the demo's options (argparse prints them and exits)
+        except SystemExit:
+            pass
+        print(SELF_CHECK_HELP)
+        raise SystemExit(0)  # as argparse's --help does
     if "--self-check" in argv:
         if len(argv) != 1:
             print("usage: python -m brnpa_triton --self-check (takes no other argument)", file=sys.stderr)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -11,7 +14,7 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
@@ -32,19 +35,101 @@ def check_features(name: str, features, layout: str) -> None:
         raise ValueError(f"{name} must have no empty dimension; got shape {tuple(features.shape)} ({', '.join(empty)})")
 
 
-def check_num_parts(num_parts, num_positions: int) -> None:
-    if isinstance(num_parts, bool) or not isinstance(num_parts, int):
-        raise TypeError(f"num_parts must be an int; got {type(num_parts).__name__}")
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}" if isinstance(value, (str, float)) else type(value).__name__
+
+
+def as_int(name: str, value, *, minimum: int | None = None) -> int:
+    """An integer argument as a Python int: ints, numpy integers and 0-d integer tensors are
+    accepted (``np.int64(2)``, ``torch.tensor(2)``); bools, floats and the rest are not."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name} must be an int; got {_describe(value)}")
+        value = int(value.item())
+    elif isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int; got {_describe(value)}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value}")
+    return value
+
+
+def as_bool(name: str, value) -> bool:
+    """A flag: True or False (numpy bools too), nothing that merely has a truth value."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {_describe(value)}")
+    return bool(value)
+
+
+def as_probability(name: str, value) -> float:
+    """A float in [0, 1) (ints and numpy numbers accepted)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a float in [0, 1); got {_describe(value)}")
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1); got {value}")
+    return value
+
+
+def check_num_parts(num_parts: int, num_positions: int) -> None:
+    """``num_parts`` (already an int, see ``as_int``) against the input's number of positions."""
     if not 1 <= num_parts <= num_positions:
         raise ValueError(
             f"num_parts must be between 1 and the number of positions ({num_positions}); got {num_parts}"
         )
 
 
+class Options(NamedTuple):
+    """The operator's options, checked once: by ``brnpa`` / ``brnpa_tokens`` on every call and by
+    the modules at construction. ``num_parts`` is checked against the input's size per call."""
+
+    num_parts: int
+    refine: bool
+    seeds: str
+    order: str
+    backend: str
+    check_finite: bool
+
+
+def make_options(
+    num_parts, *, refine=True, seeds="norm", order="selection", backend="auto", check_finite=False, positions=None
+) -> Options:
+    """Checked options; ``positions`` (the input's number of positions), when known, bounds num_parts."""
+    num_parts = as_int("num_parts", num_parts)
+    if positions is not None:
+        check_num_parts(num_parts, positions)
+    elif num_parts < 1:
+        raise ValueError(f"num_parts must be at least 1; got {num_parts}")
+    check_choice("seeds", seeds, SEED_MODES)
+    check_choice("order", order, ORDERS)
+    check_choice("backend", backend, BACKENDS)
+    return Options(num_parts, as_bool("refine", refine), seeds, order, backend, as_bool("check_finite", check_finite))
+
+
 def check_finite(name: str, features: torch.Tensor) -> None:
-    """Opt-in: reading the answer synchronises with the device."""
-    if not bool(torch.isfinite(features).all()):
-        raise ValueError(f"{name} must be finite (check_finite=True); got NaN or Inf values")
+    """Opt-in: reading the answer synchronises with the device. Under torch.compile the check
+    is an assertion inside the graph (``torch._assert_async``), which raises RuntimeError."""
+    _assert(torch.isfinite(features).all(), f"{name} must be finite (check_finite=True); got NaN or Inf values")
+
+
+def check_norms_finite(name: str, norms: torch.Tensor) -> None:
+    """After the op: finite features whose norm ||x_n|| overflows the accumulation dtype."""
+    _assert(
+        torch.isfinite(norms).all(),
+        f"{name} have positions whose norm overflows {str(norms.dtype).replace('torch.', '')} "
+        f"(largest finite value {torch.finfo(norms.dtype).max:.3g}), so their outputs are not finite "
+        "(check_finite=True); scale the features down (maps and seeds do not depend on the scale, "
+        "up to eps) or pass float64 features",
+    )
+
+
+def _assert(ok: torch.Tensor, message: str) -> None:
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, message)  # traceable: no data-dependent Python branch
+    elif not bool(ok):
+        raise ValueError(message)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -11,6 +11,12 @@ import os
 import torch
 
 
+TRITON_MISSING = (
+    "backend='triton' needs the triton package, which is not installed: pip install 'brnpa-triton[triton]' "
+    "(CUDA builds of PyTorch already include triton), or use backend='torch'"
+)
+
+
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -34,7 +40,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and triton_installed() else "torch"
     if backend == "triton":
         if not triton_installed():
-            raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'")
+            raise RuntimeError(TRITON_MISSING)
         if device.type != "cuda" and not triton_interpreter_enabled():
             raise RuntimeError(
                 f"backend='triton' runs on CUDA tensors; for {device.type} tensors it needs the Triton "

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brnpa_triton import _validation as check
-from brnpa_triton.api import BRNPAOutput, brnpa, brnpa_tokens
+from brnpa_triton.api import BRNPAOutput, run
 
 __all__ = [
     "BRNPAPool",
@@ -31,6 +31,7 @@ __all__ = [
 class BRNPAPool(nn.Module):
     """BR-NPA pooling as a module: (B, C, H, W) maps or (B, N, C) tokens -> :class:`BRNPAOutput`.
 
+    The options are those of :func:`brnpa_triton.brnpa`, checked here at construction.
     ``seeds="random"`` (the paper's ablation) needs randomness passed in explicitly, never the
     global RNG: either a ``generator`` given here (kept by the module, not part of its state dict,
     and used on every call; it must live on the features' device) or ``generator=`` / ``noise=``
@@ -47,20 +48,26 @@ class BRNPAPool(nn.Module):
         order: str = "selection",
         backend: str = "auto",
         generator: torch.Generator | None = None,
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
         # Fail at construction, with the functional API's messages, not at the first forward.
-        check.check_choice("seeds", seeds, check.SEED_MODES)
-        check.check_choice("order", order, check.ORDERS)
-        check.check_choice("backend", backend, check.BACKENDS)
-        if seeds == "norm" and generator is not None:
-            raise ValueError("generator is only used with seeds='random'; got seeds='norm'")
-        self.num_parts = num_parts
-        self.refine = refine
-        self.seeds = seeds
-        self.order = order
-        self.backend = backend
+        self.options = check.make_options(
+            num_parts, refine=refine, seeds=seeds, order=order, backend=backend, check_finite=check_finite
+        )
+        if generator is not None:
+            if seeds == "norm":
+                raise ValueError("generator is only used with seeds='random'; got seeds='norm'")
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
         self.generator = generator
+
+    # Read-only views of the checked options (change them by building a new module).
+    num_parts = property(lambda self: self.options.num_parts)
+    refine = property(lambda self: self.options.refine)
+    seeds = property(lambda self: self.options.seeds)
+    order = property(lambda self: self.options.order)
+    backend = property(lambda self: self.options.backend)
 
     def forward(
         self,
@@ -69,33 +76,33 @@ class BRNPAPool(nn.Module):
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
     ) -> BRNPAOutput:
-        if self.seeds == "random" and generator is None and noise is None:
+        if self.options.seeds == "random" and generator is None and noise is None:
             generator = self.generator
             if generator is None:
                 raise ValueError(
                     "BRNPAPool(seeds='random') needs explicit randomness: BRNPAPool(..., generator=g) "
                     "or forward(x, generator=g) / forward(x, noise=u); the global RNG is never used"
                 )
-        fn = _pick(features)
-        return fn(
-            features, self.num_parts, refine=self.refine, seeds=self.seeds, generator=generator,
-            noise=noise, order=self.order, backend=self.backend,
-        )
+        _check_input(features)
+        return run(features, self.options, generator=generator, noise=noise)
 
     def extra_repr(self) -> str:
         return f"num_parts={self.num_parts}, refine={self.refine}, seeds={self.seeds!r}, order={self.order!r}"
 
 
-def _pick(features: torch.Tensor):
-    if not isinstance(features, torch.Tensor):
+def _check_input(features) -> None:
+    """(B, C, H, W) feature maps or (B, N, C) tokens, each checked as brnpa / brnpa_tokens do."""
+    if isinstance(features, torch.Tensor) and features.dim() == 4:
+        check.check_features("features", features, "BCHW")
+    elif isinstance(features, torch.Tensor) and features.dim() == 3:
+        check.check_features("tokens", features, "BNC")
+    elif isinstance(features, torch.Tensor):
+        raise ValueError(
+            f"features must be (B, C, H, W) feature maps or (B, N, C) tokens; got {features.dim()} dims, "
+            f"shape {tuple(features.shape)}"
+        )
+    else:
         raise TypeError(f"features must be a torch.Tensor; got {type(features).__name__}")
-    if features.dim() == 4:
-        return brnpa
-    if features.dim() == 3:
-        return brnpa_tokens
-    raise ValueError(
-        f"features must be (B, C, H, W) feature maps or (B, N, C) tokens; got shape {tuple(features.shape)}"
-    )
 
 
 class BRNPAHead(nn.Module):
@@ -119,22 +126,31 @@ class BRNPAHead(nn.Module):
         backend: str = "auto",
         generator: torch.Generator | None = None,
         bias: bool = True,
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
-        self.in_channels = in_channels
-        self.num_classes = num_classes
-        self.pool = BRNPAPool(num_parts, refine=refine, seeds=seeds, order=order, backend=backend, generator=generator)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(num_parts * in_channels, num_classes, bias=bias)
+        self.in_channels = check.as_int("in_channels", in_channels, minimum=1)
+        self.num_classes = check.as_int("num_classes", num_classes, minimum=1)
+        self.pool = BRNPAPool(
+            num_parts, refine=refine, seeds=seeds, order=order, backend=backend, generator=generator,
+            check_finite=check_finite,
+        )
+        self.dropout = nn.Dropout(check.as_probability("dropout", dropout))
+        self.fc = nn.Linear(self.pool.num_parts * self.in_channels, self.num_classes, bias=check.as_bool("bias", bias))
 
     @property
     def num_parts(self) -> int:
         return self.pool.num_parts
 
     def forward(self, features, *, return_output: bool = False, generator=None, noise=None):
+        _check_input(features)
         channels = features.shape[1] if features.dim() == 4 else features.shape[-1]
         if channels != self.in_channels:
-            raise ValueError(f"BRNPAHead expects {self.in_channels} channels; got features of shape {tuple(features.shape)}")
+            layout = "(B, C, H, W) features" if features.dim() == 4 else "(B, N, C) tokens"
+            raise ValueError(
+                f"BRNPAHead expects {self.in_channels} channels; got {layout} of shape {tuple(features.shape)} "
+                f"({channels} channels)"
+            )
         out = self.pool(features, generator=generator, noise=noise)
         logits = self.fc(self.dropout(out.vectors.flatten(1)))
         return (logits, out) if return_output else logits
@@ -150,6 +166,8 @@ class BRNPAClassifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, in_channels: int, num_classes: int, num_parts: int = 3, **head_kwargs) -> None:
         super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be a torch.nn.Module; got {type(backbone).__name__}")
         self.backbone = backbone
         self.head = BRNPAHead(in_channels, num_classes, num_parts, **head_kwargs)
 

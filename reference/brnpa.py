@@ -22,10 +22,24 @@ DEGENERATE_SUM_RATIO = 1e-4
 
 
 def _safe_norm(x: torch.Tensor) -> torch.Tensor:
-    """||x|| over the last dim with gradient 0 (not NaN) where x is the zero vector."""
-    squared = (x * x).sum(-1)
-    nonzero = squared > 0
-    return torch.where(nonzero, torch.sqrt(torch.where(nonzero, squared, torch.ones_like(squared))), 0.0)
+    """||x|| over the last dim, scaled by the largest magnitude so that no square overflows or
+    underflows, with gradient 0 (not NaN) where x is the zero vector.
+
+    ``x`` is made contiguous so that every row is reduced in the same order: bitwise-identical
+    feature vectors get bitwise-identical norms wherever they sit.
+    """
+    x = x.contiguous()
+    scale = x.detach().abs().amax(-1, keepdim=True)  # the norm is homogeneous: no gradient here
+    nonzero = scale > 0
+    unit = x / torch.where(nonzero, scale, torch.ones_like(scale))
+    squared = (unit * unit).sum(-1, keepdim=True)
+    return torch.where(nonzero, scale * torch.sqrt(torch.where(nonzero, squared, torch.ones_like(squared))), 0.0).squeeze(-1)
+
+
+def _dots(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """x_n . direction for every row of x, each row reduced in the same order (not a matrix
+    product, whose rounding depends on the row's position)."""
+    return (x.contiguous() * direction).sum(-1)
 
 
 def brnpa_reference(
@@ -56,7 +70,8 @@ def brnpa_reference(
                 score = noise[b, k].to(x.dtype)
             i_k = int(torch.argmax(score))  # torch.argmax returns the lowest index on ties
             r_k = x[i_k]
-            sim = (x @ r_k) / (rho * rho[i_k])
+            # Dividing the seed by rho_ik first keeps every product below |x_cn|: no overflow.
+            sim = _dots(x, r_k / rho[i_k]) / rho
             S_k = sim.sum()
             if S_k.abs() <= DEGENERATE_SUM_RATIO * sim.abs().sum():
                 a = torch.full_like(sim, 1.0 / N)  # degenerate part: uniform map

@@ -19,17 +19,31 @@ TOLERANCES = {
 }
 
 
-def random_features(B, C, H, W, *, seed, kind="relu", dtype=torch.float64, zero_positions=0):
-    """(B, C, H, W) float64 features: "relu" (non-negative, some exact zeros) or "signed"."""
+def random_features(B, C, H, W, *, seed, kind="relu", dtype=torch.float64, zero_positions=0, duplicate_columns=0):
+    """(B, C, H, W) features: "relu" (non-negative, some exact zeros) or "signed".
+
+    ``duplicate_columns`` positions get a bitwise copy of another position's feature vector
+    (earlier or later in the flat order), so that exact ties are part of the input.
+    """
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
     if kind == "relu":
         x = x.relu()
+    flat = x.view(B, C, H * W)
     if zero_positions:
-        flat = x.view(B, C, H * W)
         idx = torch.randperm(H * W, generator=g)[:zero_positions]
         flat[:, :, idx] = 0.0
+    for _ in range(duplicate_columns if H * W > 1 else 0):
+        source, target = torch.randperm(H * W, generator=g)[:2].tolist()
+        flat[:, :, target] = flat[:, :, source]
     return x.to(dtype)
+
+
+def duplicate_groups(features: torch.Tensor) -> torch.Tensor:
+    """(B, N) int64: for every position, the lowest position holding a bitwise-identical feature vector."""
+    x = features.flatten(2).transpose(1, 2)  # (B, N, C)
+    same = (x[:, :, None, :] == x[:, None, :, :]).all(-1)  # (B, N, N)
+    return same.int().argmax(-1)  # the first True
 
 
 def in_layout(features: torch.Tensor, layout: str):

@@ -95,3 +95,85 @@ def test_compiled_training_step_has_no_graph_break():
     torch.testing.assert_close(compiled_loss, eager_loss)
     for p, g in zip(params, eager_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms_are_the_callers_to_edit_for_every_dtype(dtype):
+    f = random_features(2, 4, 3, 3, seed=21, dtype=dtype).requires_grad_()
+    out = bt.brnpa(f, 2)
+    g = torch.randn(out.vectors.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    (expected,) = torch.autograd.grad((out.vectors * g).sum(), f, retain_graph=True)
+    with torch.no_grad():
+        out.norms.mul_(0.0).add_(7.0)  # edit the user's copy in place
+    (grad,) = torch.autograd.grad((out.vectors * g).sum(), f)
+    assert torch.equal(grad, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("field", ["vectors", "maps"])
+def test_in_place_edits_of_saved_outputs_are_detected_for_every_dtype(dtype, field):
+    f = random_features(2, 4, 3, 3, seed=22, dtype=dtype).requires_grad_()
+    out = bt.brnpa(f, 2)
+    loss = out.vectors.sum() + out.maps.sum()
+    with torch.no_grad():
+        getattr(out, field).mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, f)
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda fn, x: torch.func.jvp(fn, (x,), (torch.ones_like(x),)),
+        lambda fn, x: torch.func.jacfwd(fn)(x),
+        lambda fn, x: torch.func.hessian(fn)(x),
+    ],
+    ids=["jvp", "jacfwd", "hessian"],
+)
+def test_forward_mode_ad_says_it_is_not_supported(transform):
+    x = random_features(1, 3, 2, 2, seed=23)
+    with pytest.raises(NotImplementedError, match=r"forward-mode AD .* is not supported; use reverse mode"):
+        transform(lambda t: bt.brnpa(t, 2).vectors.sum(), x)
+
+
+def test_forward_ad_dual_tensors_say_it_is_not_supported():
+    import torch.autograd.forward_ad as fwAD
+
+    x = random_features(1, 3, 2, 2, seed=24)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        bt.brnpa(fwAD.make_dual(x, torch.ones_like(x)), 2)
+
+
+def test_check_finite_compiles_into_the_graph():
+    torch._dynamo.reset()
+    f = torch.rand(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    fn = torch.compile(lambda x: bt.brnpa(x, 2, check_finite=True).vectors, fullgraph=True)
+    torch.testing.assert_close(fn(f), bt.brnpa(f, 2).vectors)
+    bad = f.clone()
+    bad[0, 1, 2, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"features must be finite \(check_finite=True\)"):
+        fn(bad)
+
+
+def test_random_seeds_under_compile_noise_traces_and_generator_explains_itself():
+    torch._dynamo.reset()
+    f = torch.rand(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(2, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    pool = bt.BRNPAPool(2, seeds="random", generator=torch.Generator().manual_seed(1))
+    expected = bt.brnpa(f, 2, seeds="random", noise=noise)
+    # noise= traces with fullgraph=True, functional and module alike.
+    fn = torch.compile(lambda x, u: bt.brnpa(x, 2, seeds="random", noise=u).indices, fullgraph=True)
+    assert torch.equal(fn(f, noise), expected.indices)
+    assert torch.equal(torch.compile(lambda x, u: pool(x, noise=u).indices, fullgraph=True)(f, noise), expected.indices)
+    # generator= : one error naming the option and the way out...
+    g = torch.Generator()
+    for call in (lambda x: bt.brnpa(x, 2, seeds="random", generator=g).indices, lambda x: pool(x).indices):
+        with pytest.raises(Exception, match=r"seeds='random' with generator=\.\.\. cannot be traced .*pass noise=noise"):
+            torch.compile(call, fullgraph=True)(f)
+    # ... and without fullgraph the draw runs eagerly, from the generator as in eager mode.
+    g.manual_seed(1)
+    got = torch.compile(lambda x: bt.brnpa(x, 2, seeds="random", generator=g).indices)(f)
+    assert torch.equal(got, expected.indices)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -88,3 +89,29 @@ def test_torchvision_resnet():
     assert model.layer4[0].conv1.stride == (1, 1) and model.layer4[0].downsample[0].stride == (1, 1)
     bottleneck = make_high_resolution(tv.models.resnet50(weights=None), stages=(4,))
     assert bottleneck.layer4[0].conv2.stride == (1, 1) and bottleneck.layer4[0].downsample[0].stride == (1, 1)
+
+
+@pytest.mark.parametrize("stages", ["layer4", 4, np.int64(4), torch.tensor(4), ["layer4"], (np.int32(4),)])
+def test_one_stage_or_numpy_and_tensor_stage_numbers(stages):
+    """A single stage name is one stage (not its letters); numpy / 0-d tensor ints are stage numbers."""
+    x = torch.randn(1, 3, 32, 32)
+    student = make_high_resolution(TinyResNet(), stages=stages, copy=True)
+    assert student(x).shape[-1] == 4
+    assert student.layer4[0].conv1.stride == (1, 1) and student.layer3[0].conv1.stride == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "stages, error, message",
+    [
+        ([4.0], TypeError, r"stage number like 4; got float 4.0"),
+        (4.0, TypeError, r"stages must be a stage name or number, or an iterable of them; got float"),
+        ([True], TypeError, r"stage number like 4; got bool"),
+        ((), ValueError, r"stages is empty"),
+        (None, TypeError, r"stages must be a stage name or number, or an iterable of them; got NoneType"),
+    ],
+)
+def test_bad_stages_are_named(stages, error, message):
+    with pytest.raises(error, match=message):
+        make_high_resolution(TinyResNet(), stages=stages)
+    with pytest.raises(TypeError, match="resnet must be a torch.nn.Module"):
+        make_high_resolution("resnet18")

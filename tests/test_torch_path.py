@@ -23,6 +23,7 @@ def problems(draw, max_hw=6, max_c=9):
         seed=draw(st.integers(0, 2**31 - 1)),
         kind=draw(st.sampled_from(["relu", "signed"])),
         zero_positions=draw(st.integers(0, min(2, H * W - 1))),
+        duplicate_columns=draw(st.integers(0, 2)),  # exact ties: the lowest position must win
         layout=draw(st.sampled_from(LAYOUTS)),
         refine=draw(st.booleans()),
     )
@@ -30,7 +31,7 @@ def problems(draw, max_hw=6, max_c=9):
 
 def _features(p, dtype=torch.float64):
     return random_features(p["B"], p["C"], p["H"], p["W"], seed=p["seed"], kind=p["kind"],
-                           zero_positions=p["zero_positions"], dtype=dtype)
+                           zero_positions=p["zero_positions"], duplicate_columns=p["duplicate_columns"], dtype=dtype)
 
 
 @given(problems())

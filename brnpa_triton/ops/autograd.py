@@ -44,7 +44,19 @@ def _backward(ctx, grad_vectors, grad_maps, _grad_indices, grad_activity, grad_n
     return grad_x, None, None, None, None, None
 
 
-class BRNPAFunction(torch.autograd.Function):
+FORWARD_MODE_UNSUPPORTED = (
+    "brnpa_triton: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not "
+    "supported; use reverse mode (loss.backward(), torch.autograd.grad, torch.func.grad / vjp / jacrev)"
+)
+
+
+def _no_forward_mode(ctx, *tangents):
+    raise NotImplementedError(FORWARD_MODE_UNSUPPORTED)
+
+
+class TracedBRNPAFunction(torch.autograd.Function):
+    """What torch.compile traces (Dynamo rejects Functions that define ``jvp``)."""
+
     @staticmethod
     def forward(x, num_parts, refine, seed_indices, by_activity, backend):
         return brnpa_forward(x, num_parts, refine, seed_indices, by_activity, backend)
@@ -61,6 +73,12 @@ class BRNPAFunction(torch.autograd.Function):
             seed_indices = _fold(seed_indices, seeds_dim, size)
         out = BRNPAFunction.apply(x, num_parts, refine, seed_indices, by_activity, backend)
         return tuple(_unfold(t, size) for t in out), (0,) * len(out)
+
+
+class BRNPAFunction(TracedBRNPAFunction):
+    """The eager entry point: as above, and forward-mode AD gets a clear error."""
+
+    jvp = staticmethod(_no_forward_mode)
 
 
 class BRNPABackwardFunction(torch.autograd.Function):
@@ -85,6 +103,8 @@ class BRNPABackwardFunction(torch.autograd.Function):
     def backward(ctx, grad):
         raise NotImplementedError("brnpa_triton: double backward (gradients of gradients) is not supported")
 
+    jvp = staticmethod(_no_forward_mode)
+
     @staticmethod
     def vmap(info, in_dims, *args):
         size = info.batch_size
@@ -97,4 +117,4 @@ class BRNPABackwardFunction(torch.autograd.Function):
 
 
 # The custom op's own autograd rule (opcheck, direct op users) is the same one.
-brnpa_forward.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("brnpa_triton::forward", _backward, setup_context=_setup_context)

@@ -1,5 +1,10 @@
 """BR-NPA as ``torch.library`` custom ops, with fake (meta) kernels.
 
+The ops are defined with ``torch.library.Library`` rather than ``torch.library.custom_op``:
+the latter wraps every implementation in a Dynamo guard that imports ``torch._dynamo`` (and
+with it sympy and triton, seconds of imports) on the first call, even in a program that never
+compiles. Here the guard is only taken when Dynamo is already loaded (see ``_outside_dynamo``).
+
 Two ops: ``brnpa_triton::forward`` and ``brnpa_triton::backward``. The forward's autograd
 rule (registered in ``autograd.py``, shared with the ``autograd.Function`` there) calls the
 backward op, so ``torch.compile(fullgraph=True)`` sees two opaque ops and never traces into
@@ -13,10 +18,13 @@ for CPU tensors and with ``torch._assert_async`` on CUDA (no host synchronisatio
 
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Optional
 
 import torch
 
+from brnpa_triton.dispatch import TRITON_MISSING, triton_installed
 from brnpa_triton.ops import torch_impl
 from brnpa_triton.ops.common import SUPPORTED_DTYPES, SavedForward, accumulation_dtype
 
@@ -28,6 +36,8 @@ def _implementation(backend: str):
     if backend not in OP_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, OP_BACKENDS))}; got {backend!r}")
     if backend == "triton":
+        if not triton_installed():
+            raise RuntimeError(TRITON_MISSING)
         from brnpa_triton.ops import triton_impl
 
         return triton_impl
@@ -56,8 +66,47 @@ def _check_positions(name: str, indices: torch.Tensor, shape: tuple, N: int) -> 
         raise ValueError(f"{message}; got values from {int(indices.min())} to {int(indices.max())}")
 
 
-@torch.library.custom_op("brnpa_triton::forward", mutates_args=())
-def brnpa_forward(
+_LIBRARY = torch.library.Library("brnpa_triton", "DEF")
+_LIBRARY.define(
+    "forward(Tensor x, SymInt num_parts, bool refine, Tensor seed_indices, bool by_activity, str backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_LIBRARY.define(
+    "backward(Tensor x, Tensor? grad_vectors, Tensor? grad_maps, Tensor? grad_activity, Tensor? grad_norms, "
+    "Tensor vectors, Tensor maps, Tensor indices, Tensor norms, Tensor inv_sums, bool refine, str backend) -> Tensor"
+)
+
+
+def _outside_dynamo(fn):
+    """Run ``fn`` where torch.compile never traces into it (it is an opaque op's body).
+
+    Dynamo can only be tracing if it has been imported; until then ``fn`` is called directly,
+    so that an eager program never pays for importing it.
+    """
+    disabled = None
+
+    @functools.wraps(fn)
+    def run(*args):
+        nonlocal disabled
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args)
+        if disabled is None:
+            disabled = torch._dynamo.disable(fn)
+        return disabled(*args)
+
+    return run
+
+
+def _implement(name: str):
+    def register(fn):
+        _LIBRARY.impl(name, _outside_dynamo(fn), "CompositeExplicitAutograd")
+        return fn
+
+    return register
+
+
+@_implement("forward")
+def _forward(
     x: torch.Tensor,
     num_parts: int,
     refine: bool,
@@ -84,7 +133,7 @@ def brnpa_forward(
     return tuple(impl.forward(x, num_parts, refine, seeds, by_activity))
 
 
-@brnpa_forward.register_fake
+@torch.library.register_fake("brnpa_triton::forward")
 def _(x, num_parts, refine, seed_indices, by_activity, backend):
     B, C, N = x.shape
     K = num_parts
@@ -100,8 +149,8 @@ def _(x, num_parts, refine, seed_indices, by_activity, backend):
     )
 
 
-@torch.library.custom_op("brnpa_triton::backward", mutates_args=())
-def brnpa_backward(
+@_implement("backward")
+def _backward(
     x: torch.Tensor,
     grad_vectors: Optional[torch.Tensor],
     grad_maps: Optional[torch.Tensor],
@@ -138,6 +187,11 @@ def brnpa_backward(
     return impl.backward(x, grad_vectors, grad_maps, grad_activity, grad_norms, saved, refine)
 
 
-@brnpa_backward.register_fake
+@torch.library.register_fake("brnpa_triton::backward")
 def _(x, grad_vectors, grad_maps, grad_activity, grad_norms, vectors, maps, indices, norms, inv_sums, refine, backend):
     return torch.empty_like(x)
+
+
+# The public ops (OpOverloads: call them, or pass them to torch.library.opcheck).
+brnpa_forward = torch.ops.brnpa_triton.forward.default
+brnpa_backward = torch.ops.brnpa_triton.backward.default

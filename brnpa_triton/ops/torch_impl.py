@@ -2,11 +2,14 @@
 
 Everything works on ``x`` of shape (B, C, N) with whatever strides the caller's layout gives
 (NCHW, channels_last and (B, N, C) tokens are all views of this shape), so nothing is
-permuted or copied, except a single upcast of float16/bfloat16 inputs to float32.
+permuted or copied; float16/bfloat16 inputs are upcast to float32 a block at a time.
 
-Forward: one pass for the norms, one matrix-vector pass per part, one pass for all refined
-vectors. Backward: the spec's closed form in four passes over X whatever K is; nothing of
-size (B, N, C) is saved, and the only (B, N, C) allocation is dX itself.
+Forward: one pass for the norms, one dot-product pass per part, one pass for all refined
+vectors. Norms and seed dot products reduce every column over C in the same order, so
+bitwise-identical columns get identical scores (ties then go to the lowest position), and
+they are computed scaled, so that no finite input whose norms are finite overflows.
+Backward: the spec's closed form in four passes over X whatever K is; nothing of size
+(B, N, C) is saved, and the only (B, N, C) allocation is dX itself.
 """
 
 from __future__ import annotations
@@ -30,22 +33,129 @@ def _gather_positions(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return x.gather(2, indices[:, None, :].expand(B, C, -1)).transpose(1, 2)
 
 
-def _norms(x: torch.Tensor, block_bytes: int = 8 << 20) -> torch.Tensor:
-    """||x_n|| over C for x (B, C, N), in one pass without an (B, C, N) temporary.
+# float16/bfloat16 features are upcast to float32 a block of positions at a time, each block
+# at most this: a small fraction of any large input.
+BLOCK_BYTES = 4 << 20
+# The per-column accumulators of a pass over NCHW-like x: small enough to stay in cache.
+ACCUMULATOR_BYTES = 512 << 10
+# The product temporaries of a pass over channels_last / tokens x.
+DOT_BLOCK_BYTES = 1 << 20
 
-    ``vector_norm`` is fast when C is the contiguous dim (channels_last, tokens) but takes a
-    slow strided path over NCHW's C; there, squares are summed a block of channels at a time,
-    each block's temporary at most a few MB (in cache, and few enough ops to keep threads busy).
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _workspace(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """The temporary of ``_column_dots``; one per forward, reused by its passes (a fresh one per
+    pass would pay its page faults every time).
+
+    Where C is contiguous: a block of products, (B, C, P) with C contiguous. Otherwise: the
+    (B, G, N) accumulator of G rows.
     """
-    if x.stride(1) == 1:
-        return torch.linalg.vector_norm(x, dim=1)
     B, C, N = x.shape
-    # At most a quarter of X, so that small inputs get no X-sized temporary either.
-    channels = max(1, min(block_bytes // (B * N * x.element_size()), C // 4))
-    squared = torch.zeros(B, N, dtype=x.dtype, device=x.device)
-    for block in x.split(channels, dim=1):
-        squared += block.square().sum(1)
-    return squared.sqrt_()
+    size = _element_size(acc)
+    # At most a quarter of X too, so that small inputs get no X-sized temporary either.
+    if x.stride(1) == 1 and C > 1:
+        step = max(1, min(N // 4, DOT_BLOCK_BYTES // (B * C * size)))
+        return torch.empty(B, step, C, dtype=acc, device=x.device).transpose(1, 2)
+    rows = max(1, min(C // 4, ACCUMULATOR_BYTES // (B * N * size)))
+    return torch.empty(B, rows, N, dtype=acc, device=x.device)
+
+
+def _column_dots(
+    x: torch.Tensor, weights: torch.Tensor | None, acc: torch.dtype, workspace: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum_c x_cn w_c for x (B, C, N) and weights w (B, C), as (B, N) in ``acc``: one pass over
+    x, float16/bfloat16 upcast a block at a time. ``weights=None`` gives the squared norms,
+    or, where C is contiguous, the norms (see ``_norms``).
+
+    Every column is reduced over C in the same order whatever its position, so bitwise-identical
+    columns get bitwise-identical results. A matrix product would not do: BLAS rounds a column
+    according to where it falls in its blocking, and so does ``sum`` over a non-contiguous dim
+    (vector lanes and a row's tail round differently). Where C is contiguous (channels_last,
+    tokens), each column is one contiguous reduction; otherwise (NCHW) G rows of elementwise
+    multiply-adds accumulate channels c = g, g + G, ..., and each column's G sums are then
+    reduced contiguously.
+    """
+    B, C, N = x.shape
+    if x.stride(1) == 1 and C > 1:
+        out = torch.empty(B, N, dtype=acc, device=x.device)
+        if weights is None:  # the norms themselves: one contiguous reduction per column, no temporary
+            step = max(1, BLOCK_BYTES // (B * C * _element_size(acc)))
+            for lo in range(0, N, step):
+                out[:, lo : lo + step] = torch.linalg.vector_norm(x[:, :, lo : lo + step], dim=1, dtype=acc)
+            return out
+        products = _workspace(x, acc) if workspace is None else workspace
+        step = products.shape[2]
+        for lo in range(0, N, step):
+            block = x[:, :, lo : lo + step]
+            buffer = products[:, :, : block.shape[2]]
+            torch.mul(block, weights[:, :, None], out=buffer)  # computed in acc
+            torch.sum(buffer, 1, out=out[:, lo : lo + step])
+        return out
+    total = (_workspace(x, acc) if workspace is None else workspace).zero_()
+    rows = total.shape[1]
+    for lo in range(0, C, rows):
+        block = x[:, lo : lo + rows]
+        other = block if weights is None else weights[:, lo : lo + rows, None]
+        total[:, : block.shape[1]].addcmul_(block, other)  # computed in acc: the products are exact
+    return _sum_rows(total)
+
+
+def _sum_rows(t: torch.Tensor) -> torch.Tensor:
+    """t (B, G, N) summed over G, the same way for every position: made contiguous in G first,
+    so that each position is one contiguous reduction (summing over G in place would vectorise
+    across positions, and vector lanes and a row's tail round differently)."""
+    return t.transpose(1, 2).contiguous().sum(2)
+
+
+def _small_norm(dtype: torch.dtype) -> float:
+    """Below this norm, squares may have lost precision to underflow: such columns are rescaled."""
+    info = torch.finfo(dtype)
+    return (info.tiny / info.eps) ** 0.5
+
+
+def _scaled_norms(rows: torch.Tensor) -> torch.Tensor:
+    """||row|| over the last dim, without overflow or underflow: each row is divided by its
+    largest magnitude first (0 for an all-zero row)."""
+    scale = rows.abs().amax(-1, keepdim=True)
+    safe = torch.where((scale > 0) & (scale < float("inf")), scale, 1.0)  # inf input: inf norm
+    return (torch.linalg.vector_norm(rows / safe, dim=-1, keepdim=True) * torch.where(scale > 0, safe, 0.0)).squeeze(-1)
+
+
+def _norms(x: torch.Tensor, acc: torch.dtype, workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """||x_n|| over C for x (B, C, N), in ``acc``, accurate for every finite x whose norms are finite.
+
+    The plain sum of squares (one pass) serves every column whose result is comfortably inside
+    the range; the rare others (norm overflowed, or so small that squares underflowed, or an
+    all-zero column) are recomputed scaled. Each path reduces every column in the same order.
+    Finding those columns reads their count back to the host (a synchronisation on CUDA, where
+    this backend is only the fallback).
+    """
+    norms = _column_dots(x, None, acc, workspace)
+    if not (x.stride(1) == 1 and x.shape[1] > 1):  # the NCHW path summed squares
+        norms = norms.sqrt_()
+    redo = ~((norms >= _small_norm(acc)) & (norms < float("inf")))  # NaN input stays NaN
+    b, n = redo.nonzero(as_tuple=True)
+    if b.numel():
+        columns = x.permute(0, 2, 1)[b, n].to(acc)  # (M, C): only the columns to redo
+        norms[b, n] = _scaled_norms(columns)
+    return norms
+
+
+def _position_slices(x: torch.Tensor, acc: torch.dtype) -> list[slice]:
+    """Slices of positions such that one slice of x upcast to ``acc`` stays below BLOCK_BYTES.
+
+    One slice when x is already in ``acc`` (no copy is made); float16/bfloat16 images are
+    upcast a block of positions at a time, so that their peak memory is never above that of
+    the same features in float32.
+    """
+    B, C, N = x.shape
+    if x.dtype == acc:
+        return [slice(0, N)]
+    step = max(1, BLOCK_BYTES // (B * C * _element_size(acc)))
+    return [slice(lo, min(lo + step, N)) for lo in range(0, N, step)]
 
 
 def _weighted_sums(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -57,6 +167,15 @@ def _weighted_sums(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     if x.stride(2) == 1:
         return torch.bmm(x, weights.transpose(1, 2)).transpose(1, 2).contiguous()
     return torch.bmm(weights, x.transpose(1, 2))
+
+
+def _weighted_sums_blocked(x: torch.Tensor, weights: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``_weighted_sums`` of x upcast to ``acc`` a block of positions at a time."""
+    total = None
+    for s in _position_slices(x, acc):
+        part = _weighted_sums(x[:, :, s].to(acc), weights[:, :, s])
+        total = part if total is None else total.add_(part)
+    return total
 
 
 # On CPU the batch is processed a few images at a time, so that each chunk of X stays in the
@@ -97,20 +216,23 @@ def _forward_images(
 ) -> Forward:
     B, C, N = x.shape
     K = num_parts
-    xc = x.to(accumulation_dtype(x.dtype))  # no-op (no copy) for float32 / float64
-    norms = _norms(xc)
+    acc = accumulation_dtype(x.dtype)
+    workspace = _workspace(x, acc)
+    norms = _norms(x, acc, workspace)
     rho = norms + EPS
     score = rho
-    sims = xc.new_empty(B, K, N)
+    sims = torch.empty(B, K, N, dtype=acc, device=x.device)
     chosen = []
     for k in range(K):
         # Only what the next selection needs stays in the loop; the per-part normalisation
         # is done for all parts at once below (the loop's ops are small and their count shows).
         idx = score.argmax(dim=1) if seed_indices is None else seed_indices[:, k]
         chosen.append(idx)
-        seed = xc.gather(2, idx[:, None, None].expand(B, C, 1))  # (B, C, 1)
-        dots = torch.bmm(seed.transpose(1, 2), xc).squeeze(1)  # (B, N): one pass over X
-        sim = torch.div(dots, rho * rho.gather(1, idx[:, None]), out=sims[:, k])
+        seed = x.gather(2, idx[:, None, None].expand(B, C, 1)).squeeze(2).to(acc)  # (B, C)
+        # sim = x_n . (r / rho_i) / rho_n: every product is at most |x_cn| and every partial
+        # sum at most ||x_n||, so nothing overflows where the norms do not.
+        direction = seed / rho.gather(1, idx[:, None])
+        sim = torch.div(_column_dots(x, direction, acc, workspace), rho, out=sims[:, k])
         if seed_indices is None:
             score = score.addcmul(score, sim, value=-1.0)  # s * (1 - sim)
     indices = torch.stack(chosen, 1)
@@ -119,10 +241,10 @@ def _forward_images(
     inv_sums = torch.where(degenerate, 0.0, torch.where(degenerate, 1.0, totals).reciprocal())
     maps = torch.where(degenerate[..., None], 1.0 / N, sims * inv_sums[..., None])
     if refine:
-        vectors = _weighted_sums(xc, maps)  # one pass over X for all parts
+        vectors = _weighted_sums_blocked(x, maps, acc)  # one pass over X for all parts
     else:
-        vectors = _gather_positions(xc, indices).contiguous()  # outputs are contiguous (B, K, C)
-    activity = torch.linalg.vector_norm(vectors, dim=2)
+        vectors = _gather_positions(x, indices).to(acc).contiguous()  # outputs are contiguous (B, K, C)
+    activity = _scaled_norms(vectors)
     if by_activity:
         rank = torch.sort(activity, dim=1, descending=True, stable=True).indices
         vectors = vectors.gather(1, rank[:, :, None].expand(-1, -1, C))
@@ -175,24 +297,32 @@ def _backward_images(
     B, C, N = x.shape
     K = saved.indices.shape[1]
     ct = accumulation_dtype(x.dtype)
-    xc = x.to(ct)
+    slices = _position_slices(x, ct)  # float16/bfloat16: upcast a block of positions at a time
     maps = saved.maps.to(ct)
     norms = saved.norms.to(ct)
     rho = norms + EPS
-    seeds = _gather_positions(xc, saved.indices)  # r_k, (B, K, C)
+    seeds = _gather_positions(x, saved.indices).to(ct)  # r_k, (B, K, C)
     rho_seed = rho.gather(1, saved.indices)
     seed_norm = norms.gather(1, saved.indices)
-    g_vec = xc.new_zeros(B, K, C) if grad_vectors is None else grad_vectors.to(ct)
+    g_vec = torch.zeros(B, K, C, dtype=ct, device=x.device) if grad_vectors is None else grad_vectors.to(ct)
     if grad_activity is not None:  # activity = ||v_k||: its gradient joins v_k's
         vectors = saved.vectors.to(ct)
-        length = torch.linalg.vector_norm(vectors, dim=2, keepdim=True)
-        g_vec = g_vec + grad_activity.to(ct)[..., None] * torch.where(length > 0, vectors / length, 0.0)
-    g_map = xc.new_zeros(B, K, N) if grad_maps is None else grad_maps.to(ct)
+        length = _scaled_norms(vectors)[..., None]
+        unit = vectors / torch.where(length > 0, length, 1.0)
+        g_vec = g_vec + grad_activity.to(ct)[..., None] * unit
+    g_map = torch.zeros(B, K, N, dtype=ct, device=x.device) if grad_maps is None else grad_maps.to(ct)
 
-    # Pass 1: the seed dot products (to rebuild sim) and, when refining, gV_k . x_n.
-    lhs = torch.cat([seeds, g_vec], 1) if refine else seeds
-    products = torch.bmm(lhs, xc)  # (B, 2K or K, N)
-    sim = products[:, :K] / (rho[:, None, :] * rho_seed[:, :, None])
+    # Pass 1: the seed dot products (to rebuild sim) and, when refining, gV_k . x_n. The seeds
+    # are divided by rho_ik first, as in the forward, so that no product overflows.
+    seeds_scaled = seeds / rho_seed[..., None]
+    lhs = torch.cat([seeds_scaled, g_vec], 1) if refine else seeds_scaled
+    if len(slices) == 1:
+        products = torch.bmm(lhs, x.to(ct))  # (B, 2K or K, N)
+    else:
+        products = torch.empty(B, lhs.shape[1], N, dtype=ct, device=x.device)
+        for s in slices:
+            products[:, :, s] = torch.bmm(lhs, x[:, :, s].to(ct))
+    sim = products[:, :K] / rho[:, None, :]
     if refine:
         abar = g_map + products[:, K:]
         total = (g_map * maps).sum(-1) + (g_vec * saved.vectors.to(ct)).sum(-1)
@@ -204,27 +334,42 @@ def _backward_images(
     simbar_over_rho = simbar / rho[:, None, :]
 
     # Pass 2: u_k = sum_n simbar_kn x_n / rho_n, the seed rows' share.
-    u = _weighted_sums(xc, simbar_over_rho)  # (B, K, C)
+    u = _weighted_sums_blocked(x, simbar_over_rho, ct)  # (B, K, C)
     w = (simbar * sim).sum(-1)
+
+    # Seed rows: dx_ik += (u_k - w_k r_k / ||r_k||) / rho_ik; accumulate on repeats.
+    unit_seeds = seeds / torch.where(seed_norm > 0, seed_norm, 1.0)[..., None]  # 0 for a zero seed
+    seed_grad = (u - w[..., None] * unit_seeds) / rho_seed[..., None]
+    if not refine:
+        seed_grad = seed_grad + g_vec
 
     # Passes 3-4: dx_n = c_n x_n / ||x_n|| + sum_k [a_kn gV_k + simbar_kn r_k / (rho_n rho_ik)]
     radial = -(simbar_over_rho * sim).sum(1)  # coefficient of x_n / ||x_n||
     if grad_norms is not None:
         radial = radial + grad_norms.to(ct)
     radial = torch.where(norms > 0, radial / torch.where(norms > 0, norms, 1.0), 0.0)
-    dx = out if out.dtype == ct else torch.empty_like(xc)
-    torch.mul(xc, radial[:, None, :], out=dx)
-    seeds_scaled = seeds / rho_seed[..., None]
     if refine:
-        dx.baddbmm_(torch.cat([g_vec, seeds_scaled], 1).transpose(1, 2), torch.cat([maps, simbar_over_rho], 1))
+        left, right = torch.cat([g_vec, seeds_scaled], 1).transpose(1, 2), torch.cat([maps, simbar_over_rho], 1)
     else:
-        dx.baddbmm_(seeds_scaled.transpose(1, 2), simbar_over_rho)
+        left, right = seeds_scaled.transpose(1, 2), simbar_over_rho
+    for s in slices:
+        block = x[:, :, s]
+        dx = out[:, :, s] if out.dtype == ct else torch.empty(block.shape, dtype=ct, device=x.device)
+        torch.mul(block, radial[:, None, s], out=dx)  # float16/bfloat16 blocks are read in place
+        dx.baddbmm_(left, right[:, :, s])
+        _add_seed_rows(dx, saved.indices, seed_grad, s, N)
+        if dx.dtype != out.dtype:
+            out[:, :, s].copy_(dx)
 
-    # Seed rows: dx_ik += u_k / rho_ik - w_k r_k / (rho_ik ||r_k||); accumulate on repeats.
-    inv_seed_norm = torch.where(seed_norm > 0, 1.0 / (rho_seed * torch.where(seed_norm > 0, seed_norm, 1.0)), 0.0)
-    seed_grad = u / rho_seed[..., None] - (w * inv_seed_norm)[..., None] * seeds
-    if not refine:
-        seed_grad = seed_grad + g_vec
-    dx.scatter_add_(2, saved.indices[:, None, :].expand(B, C, K), seed_grad.transpose(1, 2))
-    if dx is not out:
-        out.copy_(dx)
+
+def _add_seed_rows(dx: torch.Tensor, indices: torch.Tensor, seed_grad: torch.Tensor, positions: slice, N: int):
+    """dx (B, C, n) holds ``positions`` of dX: add seed_grad (B, K, C) to the seed columns in it."""
+    B, C, _ = dx.shape
+    K = indices.shape[1]
+    if positions.start == 0 and positions.stop == N:
+        dx.scatter_add_(2, indices[:, None, :].expand(B, C, K), seed_grad.transpose(1, 2))
+        return
+    inside = (indices >= positions.start) & (indices < positions.stop)
+    local = torch.where(inside, indices - positions.start, 0)
+    values = torch.where(inside[..., None], seed_grad, 0.0)
+    dx.scatter_add_(2, local[:, None, :].expand(B, C, K), values.transpose(1, 2))
