@@ -23,6 +23,8 @@ __all__ = [
     "upsample",
     "normalize_maps",
     "grad_cam",
+    "resolve_target",
+    "layer_activation_and_gradient",
     "colormap",
     "overlay",
     "write_png",
@@ -79,6 +81,55 @@ def normalize_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return (maps - lo) / (hi - lo).clamp_min(eps)
 
 
+def resolve_target(target, logits: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 class indices: the prediction for None; one index (an int, a 0-d or length-1
+    tensor) is used for every image; otherwise exactly B indices in [0, classes)."""
+    B, classes = logits.shape
+    if target is None:
+        return logits.argmax(dim=1)
+    t = torch.as_tensor(target, device=logits.device)
+    if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"target must hold integer class indices; got dtype {t.dtype}")
+    if t.numel() == 1:
+        t = t.reshape(1).expand(B)
+    if t.dim() != 1 or t.shape[0] != B:
+        raise ValueError(f"target must be one class index or B = {B} of them; got shape {tuple(t.shape)}")
+    if bool(((t < 0) | (t >= classes)).any()):
+        raise ValueError(f"target must be class indices in [0, {classes}); got {t.tolist()}")
+    return t.long()
+
+
+def layer_activation_and_gradient(model: nn.Module, images: torch.Tensor, layer: nn.Module, target=None):
+    """``layer``'s (B, C, h, w) output A, the gradient G of each image's ``target`` logit with
+    respect to it, and the (B,) targets, in float (float64 kept). The output is re-rooted as a
+    leaf in a forward hook, so frozen models work and no parameter's ``.grad`` is touched."""
+    store = {}
+
+    def hook(_module, _inputs, output):
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            raise ValueError("layer must output a (B, C, h, w) tensor")
+        leaf = output.detach().requires_grad_(True)
+        store["act"] = leaf
+        return leaf
+
+    if not isinstance(images, torch.Tensor) or images.dim() < 2 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty batch (B, ...); got {getattr(images, 'shape', type(images).__name__)}")
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            logits = model(images)
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != images.shape[0]:
+                raise ValueError(f"model must return (B, classes) logits; got {getattr(logits, 'shape', type(logits).__name__)}")
+            if "act" not in store:
+                raise ValueError("layer was not called by the model's forward")
+            target = resolve_target(target, logits.detach())
+            score = logits.gather(1, target.view(-1, 1)).sum()
+            (grads,) = torch.autograd.grad(score, store["act"])
+    finally:
+        handle.remove()
+    return _float(store["act"].detach()), _float(grads), target
+
+
 def grad_cam(
     model: nn.Module,
     images: torch.Tensor,
@@ -90,33 +141,13 @@ def grad_cam(
     """Grad-CAM (Selvaraju et al. 2017) of ``layer``'s (B, C, h, w) output, batched: (B, 1, h, w).
 
     ``cam = ReLU(sum_c w_c A_c)`` with ``w_c`` the spatial mean of ``d logit_target / d A_c``.
-    ``target`` (B,) defaults to the predicted class. The layer's output is re-rooted as a leaf in
-    a forward hook, so frozen models work and no parameter's ``.grad`` is touched. Call
-    ``model.eval()`` first (batch-norm in training mode couples the images of a batch).
+    ``target`` defaults to the predicted class; one index is used for every image, otherwise it
+    must hold B indices. The layer's output is re-rooted as a leaf in a forward hook, so frozen
+    models work and no parameter's ``.grad`` is touched. Call ``model.eval()`` first (batch-norm in
+    training mode couples the images of a batch). More CAMs: :mod:`brnpa_triton.baselines`.
     """
-    store = {}
-
-    def hook(_module, _inputs, output):
-        if not isinstance(output, torch.Tensor) or output.dim() != 4:
-            raise ValueError("grad_cam: the layer must output a (B, C, h, w) tensor")
-        leaf = output.detach().requires_grad_(True)
-        store["act"] = leaf
-        return leaf
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        with torch.enable_grad():
-            logits = model(images)
-            if "act" not in store:
-                raise ValueError("grad_cam: the layer was not called by the model's forward")
-            if target is None:
-                target = logits.argmax(dim=1)
-            score = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
-            (grads,) = torch.autograd.grad(score, store["act"])
-    finally:
-        handle.remove()
-    act = _float(store["act"].detach())
-    weights = _float(grads).mean(dim=(2, 3), keepdim=True)
+    act, grads, _ = layer_activation_and_gradient(model, images, layer, target)
+    weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = (weights * act).sum(dim=1, keepdim=True)
     return F.relu(cam) if relu else cam
 
