@@ -30,6 +30,10 @@ def sparsity(maps: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     the parts, then over the positions. Token outputs ((B, K, N) maps, (B, N) norms) work too.
     Computed in float32 (float64 for float64 input). An all-zero norm map (0/0 in the paper) is
     taken as normalised norms of 0, giving sparsity 0 instead of NaN.
+
+    Direction: **lower = sparser** (it is the mean normalised attention mass: a one-hot map gives
+    about 1/N, a uniform one about 1). Quantus's ``Sparseness`` runs the other way: it is the Gini
+    index of the attribution, where higher = sparser. Do not compare the two without flipping one.
     """
     if maps.dim() < 3 or norms.dim() != maps.dim() - 1 or maps.shape[0] != norms.shape[0] or maps.shape[2:] != norms.shape[1:]:
         raise ValueError(
