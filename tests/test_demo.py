@@ -23,7 +23,7 @@ def tiny(out, **kw):
 def test_demo_smoke_and_reproducible(tmp_path):
     res = run_demo(tiny(tmp_path / "a"), verbose=False)
     files = set(os.listdir(tmp_path / "a"))
-    assert {"results.json", "overlays.png", "model.pt"} <= files
+    assert {"results.json", "summary.md", "overlays.png", "model.pt"} <= files
     with open(tmp_path / "a" / "results.json") as f:
         saved = json.load(f)
     assert saved["seeds"] == [0, 1] and len(saved["per_seed"]) == 2

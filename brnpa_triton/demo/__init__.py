@@ -69,7 +69,7 @@ def run_demo(config: DemoConfig | None = None, *, verbose: bool = True) -> dict:
     from brnpa_triton.demo.data import load_digit_arrays, make_canvases, split_indices
     from brnpa_triton.demo.figure import write_figure
     from brnpa_triton.demo.model import last_layer, make_model
-    from brnpa_triton.demo.report import evaluate, format_report, summarize
+    from brnpa_triton.demo.report import evaluate, format_report, markdown_summary, summarize
     from brnpa_triton.demo.train import train
 
     cfg = config or DemoConfig()
@@ -128,6 +128,8 @@ def run_demo(config: DemoConfig | None = None, *, verbose: bool = True) -> dict:
     }
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    with open(os.path.join(cfg.out, "summary.md"), "w") as f:
+        f.write(markdown_summary(results))
     if verbose:
         print(format_report(results))
         print(f"time: {results['seconds']['total']} s for {len(seeds)} seed(s)")

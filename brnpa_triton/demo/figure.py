@@ -63,7 +63,8 @@ def write_figure(path: str, test, sal: dict, maps: torch.Tensor, logits: torch.T
     cols = _columns(sal, maps, rows)
     K = maps.shape[1]
     n_cols = 2 + len(cols)  # input, parts picture, then the saliency columns
-    fig, axes = plt.subplots(rows, n_cols, figsize=(1.25 * n_cols + 0.9, 1.35 * rows + 0.9), squeeze=False)
+    height = 1.3 * rows + 0.75
+    fig, axes = plt.subplots(rows, n_cols, figsize=(1.25 * n_cols + 0.9, height), squeeze=False)
     H, W = test.images.shape[2:]
     pred = logits.argmax(1)
     for r in range(rows):
@@ -91,14 +92,15 @@ def write_figure(path: str, test, sal: dict, maps: torch.Tensor, logits: torch.T
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.subplots_adjust(left=0.06, right=0.9, top=0.86, bottom=0.03, wspace=0.05, hspace=0.08)
-    cax = fig.add_axes([0.915, 0.1, 0.012, 0.7])
+    top = 1 - 0.62 / height
+    fig.subplots_adjust(left=0.06, right=0.9, top=top, bottom=0.02, wspace=0.05, hspace=0.08)
+    cax = fig.add_axes([0.915, 0.08, 0.012, top - 0.16])
     bar = fig.colorbar(plt.cm.ScalarMappable(norm=Normalize(0, 1), cmap=cmap), cax=cax)
     bar.set_label("saliency / its column's maximum", fontsize=8)
     bar.ax.tick_params(labelsize=7)
     handles = [Patch(color=PART_COLOURS[k % len(PART_COLOURS)], label=f"part {k}") for k in range(K)]
     fig.legend(handles=handles, loc="upper left", ncol=K, fontsize=7, frameon=False, bbox_to_anchor=(0.06, 0.995))
-    fig.suptitle("What each method points at (one shared colour scale per column; columns share the colour bar)",
+    fig.suptitle("What each method points at: every map divided by its column's maximum, one colour bar for all",
                  fontsize=9, x=0.55, y=0.995)
     fig.savefig(path, dpi=110)
     plt.close(fig)

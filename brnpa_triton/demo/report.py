@@ -193,3 +193,32 @@ def format_report(res: dict) -> str:
         f"  authors (zero-padded 121 px):  DAUC {_pm(p['authors']['deletion_auc'])}  IAUC {_pm(p['authors']['insertion_auc'])}",
     ]
     return "\n".join(lines)
+
+
+def markdown_summary(res: dict) -> str:
+    """The summary as a markdown table (what the README quotes)."""
+    s = res["summary"]
+    first = res["per_seed"][0]
+    lines = [
+        f"| saliency ({len(res['seeds'])} seeds, mean ± std) | pointing, Quantus's ties | pointing, strict | "
+        "deletion AUC (lower is better) | insertion AUC (higher is better) |",
+        "|---|---|---|---|---|",
+    ]
+    for m in METHODS:
+        lines.append(f"| {LABELS[m]} | {_pm(s['pointing_quantus'][m])} | {_pm(s['pointing_strict'][m])} | "
+                     f"{_pm(s['deletion_auc'][m])} | {_pm(s['insertion_auc'][m])} |")
+    p = s["brnpa_protocols"]
+    lines += [
+        "",
+        f"Test accuracy {_pm(s['test_accuracy'])}, sparsity {_pm(s['sparsity_brnpa'])} (lower = sparser); "
+        f"Grad-CAM all zero after its ReLU on {_pm(s['gradcam_all_zero_fraction'])} of the images; accuracy on the "
+        f"insertion start images ({first['insertion_start']['kind']}) {_pm(s['accuracy_on_insertion_start'])}.",
+        "",
+        "| BR-NPA saliency, same maps and images | deletion AUC | insertion AUC |",
+        "|---|---|---|",
+        f"| library protocol, {first['insertion_start']['kernel']} px blur | {_pm(p['library_scaled_blur']['deletion_auc'])} | "
+        f"{_pm(p['library_scaled_blur']['insertion_auc'])} |",
+        f"| library protocol, 121 px blur (clamped to 47) | (same) | {_pm(p['library_blur_121_clamped']['insertion_auc'])} |",
+        f"| authors' protocol (121 px, zero-padded) | {_pm(p['authors']['deletion_auc'])} | {_pm(p['authors']['insertion_auc'])} |",
+    ]
+    return "\n".join(lines) + "\n"
