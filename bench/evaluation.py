@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.loop_images > a.images:
         p.error("--loop-images must not exceed --images")
     res = run(a.images, a.loop_images, a.repeats, a.batch_size, a.size, a.grid, a.threads)
+    res["command"] = "python -m bench.evaluation " + " ".join(sys.argv[1:] if argv is None else argv)
     out = a.out or os.path.join(tempfile.gettempdir(), "brnpa_bench_evaluation")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "evaluation-cpu.json"), "w") as f:
