@@ -207,6 +207,8 @@ def _check_logits(out, n: int) -> torch.Tensor:
 @torch.no_grad()
 def _scores(model, images: torch.Tensor, target: torch.Tensor, softmax: bool) -> torch.Tensor:
     logits = _check_logits(model(images), len(images)).float()
+    if bool((target >= logits.shape[1]).any()):
+        raise ValueError(f"target must be class indices below the model's {logits.shape[1]} classes; got {target.tolist()}")
     if softmax:
         logits = torch.softmax(logits, dim=1)
     return logits.gather(1, target.view(-1, 1))[:, 0]

@@ -273,6 +273,7 @@ class TupleModel:
         (dict(batch_size=0), ValueError, "batch_size"),
         (dict(target=torch.tensor([0, 1])), ValueError, "target"),
         (dict(target=torch.tensor([0.0])), TypeError, "target"),
+        (dict(target=torch.tensor([2])), ValueError, "target"),
         (dict(protocol="paper"), ValueError, "protocol"),
         (dict(protocol="authors", unit="pixel"), ValueError, "unit"),
         (dict(softmax="yes"), TypeError, "softmax"),
