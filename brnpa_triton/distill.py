@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["distillation_loss", "DistillationLoss"]
+__all__ = ["distillation_loss", "DistillationLoss", "tempered_kl"]
 
 
 def distillation_loss(
@@ -22,7 +22,9 @@ def distillation_loss(
     Both terms are means over the batch (the KL summed over classes, i.e. ``batchmean``).
     ``teacher_logits`` are detached: no gradient reaches the teacher. ``target`` is what
     :func:`torch.nn.functional.cross_entropy` takes (class indices (B,) or probabilities (B, classes)).
-    Computed in float32 at least (half-precision logits are upcast); returns a scalar.
+    Computed in float32 at least (half-precision logits are upcast); returns a scalar. The KL term
+    is evaluated by :func:`tempered_kl`, which stays accurate at large temperatures and accepts
+    masked (``-inf``) teacher logits.
     """
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
         raise ValueError(
@@ -36,14 +38,57 @@ def distillation_loss(
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s = student_logits.to(dtype)
     t = teacher_logits.detach().to(dtype)
-    kl = F.kl_div(
-        F.log_softmax(s / temperature, dim=1),
-        F.log_softmax(t / temperature, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
+    kl = tempered_kl(s, t, temperature).mean()
     ce = F.cross_entropy(s, target.to(dtype) if target.is_floating_point() else target)
     return alpha * temperature**2 * kl + (1.0 - alpha) * ce
+
+
+# Rows whose tempered logit differences stay within this range use the cancellation-free form.
+_SMALL_GAP = 1.0
+
+
+def tempered_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-row ``KL(softmax(t/T) || softmax(s/T))``, (B,), from log-softmaxes, accurate in float32.
+
+    At large T both distributions approach uniform and the KL shrinks like 1/T^2, while
+    ``sum p (log p - log q)`` subtracts two numbers of size log(classes): float32 loses the
+    result in that cancellation. Rows whose tempered differences ``(t - s)/T`` are small are
+    therefore computed from those differences directly (centred under the student, with
+    ``expm1``/``log1p``), which keeps the relative error near float32's epsilon; other rows use
+    the log-softmax form, which is accurate there.
+
+    Masked classes: a teacher logit of ``-inf`` is a class of probability 0; it contributes
+    nothing (not NaN). A student logit of ``-inf`` where the teacher's is finite gives ``inf``
+    (the true KL). A row whose teacher logits are all ``-inf`` is not a distribution: rejected.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    s, t = student_logits / temperature, teacher_logits / temperature
+    support = t > float("-inf")  # classes the teacher gives a positive probability
+    if not bool(support.any(dim=1).all()):
+        raise ValueError("teacher_logits: every row needs at least one finite logit (a row of -inf has no distribution)")
+    if bool(torch.isnan(s).any() | torch.isnan(t).any() | (s == float("inf")).any() | (t == float("inf")).any()):
+        raise ValueError("student_logits and teacher_logits must not contain NaN or +inf")
+    ls, lt = F.log_softmax(s, dim=1), F.log_softmax(t, dim=1)
+    p = lt.exp()
+    direct = torch.where(support, p * (lt - torch.where(support, ls, torch.zeros_like(ls))), torch.zeros_like(p)).sum(1)
+    direct = torch.where((support & (ls == float("-inf"))).any(1), torch.full_like(direct, float("inf")), direct)
+
+    # Cancellation-free form on rows with small gaps (inputs made safe elsewhere so that no
+    # NaN or inf reaches the gradient of the branch not taken).
+    q = ls.exp()
+    d = torch.where(support, t - torch.where(support, s, torch.zeros_like(s)), torch.zeros_like(s))
+    q_in = torch.where(support, q, torch.zeros_like(q))
+    q_support = q_in.sum(1, keepdim=True)
+    c = (q_in * d).sum(1, keepdim=True) / q_support.clamp_min(torch.finfo(q.dtype).tiny)
+    x = torch.where(support, d - c, torch.zeros_like(d))
+    small = (x.abs().amax(1) <= _SMALL_GAP) & (q_support[:, 0] > 0.5) & torch.isfinite(d).all(1)
+    x = torch.where(small[:, None], x, torch.zeros_like(x))
+    r = (q_in * (torch.expm1(x) - x)).sum(1)  # >= 0, second order in x
+    q_off = torch.where(support, torch.zeros_like(q), q).sum(1)  # exactly 0 without masking
+    log_z = torch.log1p(r - q_off)  # log sum_support q e^x
+    centred = (q_in * torch.expm1(x - log_z[:, None]) * x).sum(1) - log_z
+    return torch.where(small, centred, direct).clamp_min(0.0)
 
 
 class DistillationLoss(nn.Module):

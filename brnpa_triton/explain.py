@@ -6,6 +6,7 @@ Only torch, numpy and the standard library are needed (no matplotlib, OpenCV or 
 
 from __future__ import annotations
 
+import numbers
 import os
 import struct
 import zlib
@@ -23,6 +24,8 @@ __all__ = [
     "upsample",
     "normalize_maps",
     "grad_cam",
+    "resolve_target",
+    "layer_activation_and_gradient",
     "colormap",
     "overlay",
     "write_png",
@@ -38,22 +41,34 @@ def saliency(out: BRNPAOutput, parts: int | Sequence[int] | str | None = None) -
     """The paper's saliency: attention map 0 times the feature norm ``||x_n||``.
 
     Returns (B, 1, H, W) for feature maps ((B, 1, N) for tokens). ``parts="all"`` gives every part
-    (B, K, H, W); an int or a sequence of ints selects those parts, in that order. The graph is kept
+    (B, K, H, W); an int (Python, numpy or 0-d tensor) or a sequence of ints selects those parts,
+    in that order. The graph is kept
     (call ``.detach()`` for plain maps); the result is float32 (float64 for float64 outputs).
     """
     maps, norms = _float(out.maps), _float(out.norms)
+    K = maps.shape[1]
     if parts is None:
         maps = maps[:, :1]
     elif isinstance(parts, str):
         if parts != "all":
             raise ValueError(f"parts must be None, 'all', an int or a sequence of ints; got {parts!r}")
     else:
-        index = [parts] if isinstance(parts, int) else list(parts)
-        K = maps.shape[1]
+        items = parts.tolist() if isinstance(parts, (torch.Tensor, np.ndarray)) else parts
+        index = [items] if not isinstance(items, (list, tuple)) else list(items)
+        index = [_part_index(i, parts) for i in index]
         if not index or any(not -K <= i < K for i in index):
-            raise ValueError(f"parts must index the {K} parts; got {parts!r}")
+            raise ValueError(f"parts must index the {K} parts (in [-{K}, {K})), at least one; got {parts!r}")
         maps = maps[:, index]
     return maps * norms.to(maps.dtype).unsqueeze(1)
+
+
+def _part_index(value, parts) -> int:
+    """One part index from a Python, numpy or 0-d tensor integer (never a bool or a float)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool:
+        value = int(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"parts must be None, 'all', an int or a sequence of ints; got {parts!r}")
+    return int(value)
 
 
 def upsample(saliency: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
@@ -79,6 +94,55 @@ def normalize_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return (maps - lo) / (hi - lo).clamp_min(eps)
 
 
+def resolve_target(target, logits: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 class indices: the prediction for None; one index (an int, a 0-d or length-1
+    tensor) is used for every image; otherwise exactly B indices in [0, classes)."""
+    B, classes = logits.shape
+    if target is None:
+        return logits.argmax(dim=1)
+    t = torch.as_tensor(target, device=logits.device)
+    if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"target must hold integer class indices; got dtype {t.dtype}")
+    if t.numel() == 1:
+        t = t.reshape(1).expand(B)
+    if t.dim() != 1 or t.shape[0] != B:
+        raise ValueError(f"target must be one class index or B = {B} of them; got shape {tuple(t.shape)}")
+    if bool(((t < 0) | (t >= classes)).any()):
+        raise ValueError(f"target must be class indices in [0, {classes}); got {t.tolist()}")
+    return t.long()
+
+
+def layer_activation_and_gradient(model: nn.Module, images: torch.Tensor, layer: nn.Module, target=None):
+    """``layer``'s (B, C, h, w) output A, the gradient G of each image's ``target`` logit with
+    respect to it, and the (B,) targets, in float (float64 kept). The output is re-rooted as a
+    leaf in a forward hook, so frozen models work and no parameter's ``.grad`` is touched."""
+    store = {}
+
+    def hook(_module, _inputs, output):
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            raise ValueError("layer must output a (B, C, h, w) tensor")
+        leaf = output.detach().requires_grad_(True)
+        store["act"] = leaf
+        return leaf
+
+    if not isinstance(images, torch.Tensor) or images.dim() < 2 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty batch (B, ...); got {getattr(images, 'shape', type(images).__name__)}")
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            logits = model(images)
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != images.shape[0]:
+                raise ValueError(f"model must return (B, classes) logits; got {getattr(logits, 'shape', type(logits).__name__)}")
+            if "act" not in store:
+                raise ValueError("layer was not called by the model's forward")
+            target = resolve_target(target, logits.detach())
+            score = logits.gather(1, target.view(-1, 1)).sum()
+            (grads,) = torch.autograd.grad(score, store["act"])
+    finally:
+        handle.remove()
+    return _float(store["act"].detach()), _float(grads), target
+
+
 def grad_cam(
     model: nn.Module,
     images: torch.Tensor,
@@ -90,71 +154,81 @@ def grad_cam(
     """Grad-CAM (Selvaraju et al. 2017) of ``layer``'s (B, C, h, w) output, batched: (B, 1, h, w).
 
     ``cam = ReLU(sum_c w_c A_c)`` with ``w_c`` the spatial mean of ``d logit_target / d A_c``.
-    ``target`` (B,) defaults to the predicted class. The layer's output is re-rooted as a leaf in
-    a forward hook, so frozen models work and no parameter's ``.grad`` is touched. Call
-    ``model.eval()`` first (batch-norm in training mode couples the images of a batch).
+    ``target`` defaults to the predicted class; one index is used for every image, otherwise it
+    must hold B indices. The layer's output is re-rooted as a leaf in a forward hook, so frozen
+    models work and no parameter's ``.grad`` is touched. Call ``model.eval()`` first (batch-norm in
+    training mode couples the images of a batch). More CAMs: :mod:`brnpa_triton.baselines`.
     """
-    store = {}
-
-    def hook(_module, _inputs, output):
-        if not isinstance(output, torch.Tensor) or output.dim() != 4:
-            raise ValueError("grad_cam: the layer must output a (B, C, h, w) tensor")
-        leaf = output.detach().requires_grad_(True)
-        store["act"] = leaf
-        return leaf
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        with torch.enable_grad():
-            logits = model(images)
-            if "act" not in store:
-                raise ValueError("grad_cam: the layer was not called by the model's forward")
-            if target is None:
-                target = logits.argmax(dim=1)
-            score = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
-            (grads,) = torch.autograd.grad(score, store["act"])
-    finally:
-        handle.remove()
-    act = _float(store["act"].detach())
-    weights = _float(grads).mean(dim=(2, 3), keepdim=True)
+    act, grads, _ = layer_activation_and_gradient(model, images, layer, target)
+    weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = (weights * act).sum(dim=1, keepdim=True)
     return F.relu(cam) if relu else cam
 
 
-# matplotlib's viridis at 0, 0.1, ..., 1 (linear interpolation between these stops is within a few
-# 1/255 of the 256-entry table).
-VIRIDIS = np.array(
-    [
-        [0x44, 0x01, 0x54], [0x48, 0x24, 0x75], [0x41, 0x44, 0x87], [0x35, 0x5F, 0x8D],
-        [0x2A, 0x78, 0x8E], [0x21, 0x91, 0x8C], [0x22, 0xA8, 0x84], [0x44, 0xBF, 0x70],
-        [0x7A, 0xD1, 0x51], [0xBD, 0xDF, 0x26], [0xFD, 0xE7, 0x25],
-    ],
-    dtype=np.float64,
-) / 255.0
+# matplotlib's viridis, the 256 colours as matplotlib renders them to bytes (its 256-entry
+# table, CC0), stored as hex RGB triplets.
+_VIRIDIS_HEX = (
+    "44015444025544035745055845065a45085b46095c460b5e460c5f460e61470f62471163471265471466471567471669"
+    "47186a48196b481a6c481c6e481d6f481e70482071482172482273482374472575472676472777472878472a79472b7a"
+    "472c7b462d7c462f7c46307d46317e45327f45347f453580453681443781443982433a83433b83433c84423d84423e85"
+    "4240854141864142864043874044873f45873f47883e48883e49893d4a893d4b893d4c893c4d8a3c4e8a3b508a3b518a"
+    "3a528b3a538b39548b39558b38568b38578c37588c37598c365a8c365b8c355c8c355d8c345e8d345f8d33608d33618d"
+    "32628d32638d31648d31658d31668d30678d30688d2f698d2f6a8d2e6b8e2e6c8e2e6d8e2d6e8e2d6f8e2c708e2c718e"
+    "2c728e2b738e2b748e2a758e2a768e2a778e29788e29798e287a8e287a8e287b8e277c8e277d8e277e8e267f8e26808e"
+    "26818e25828e25838d24848d24858d24868d23878d23888d23898d22898d228a8d228b8d218c8d218d8c218e8c208f8c"
+    "20908c20918c1f928c1f938b1f948b1f958b1f968b1e978a1e988a1e998a1e998a1e9a891e9b891e9c891e9d881e9e88"
+    "1e9f881ea0871fa1871fa2861fa38620a48520a58521a68521a78422a78423a88323a98224aa8225ab8126ac8127ad80"
+    "28ae7f29af7f2ab07e2bb17d2cb17d2eb27c2fb37b30b47a32b57a33b67935b77836b87738b97639b9763bba753dbb74"
+    "3ebc7340bd7242be7144be7045bf6f47c06e49c16d4bc26c4dc26b4fc36951c46853c56755c66657c66559c7645bc862"
+    "5ec96160c96062ca5f64cb5d67cc5c69cc5b6bcd596dce5870ce5672cf5574d05477d05279d1517cd24f7ed24e81d34c"
+    "83d34b86d44988d5478bd5468dd64490d64392d74195d73f97d83e9ad83c9dd93a9fd938a2da37a5da35a7db33aadb32"
+    "addc30afdc2eb2dd2cb5dd2bb7dd29bade27bdde26bfdf24c2df22c5df21c7e01fcae01ecde01dcfe11cd2e11bd4e11a"
+    "d7e219dae218dce218dfe318e1e318e4e318e7e419e9e419ece41aeee51bf1e51cf3e51ef6e61ff8e621fae622fde724"
+)
+VIRIDIS = np.frombuffer(bytes.fromhex(_VIRIDIS_HEX), dtype=np.uint8).reshape(256, 3).astype(np.float64) / 255.0
 
 
 def colormap(values, table: np.ndarray = VIRIDIS) -> np.ndarray:
     """Map values in [0, 1] (clipped; NaN -> 0) to float RGB in [0, 1]: shape ``values.shape + (3,)``.
 
-    ``table`` is an (S, 3) array of evenly spaced colour stops, linearly interpolated (viridis by
-    default: perceptually uniform and readable in grey scale and by colour-blind readers).
+    ``table`` is an (S, 3) list of colours; value v takes entry ``floor(v * S)`` (1 takes the last),
+    matplotlib's lookup rule, so viridis (the default: perceptually uniform, readable in grey
+    scale and by colour-blind readers) gives exactly matplotlib's colours.
     """
+    table = np.asarray(table, dtype=np.float64)
+    if table.ndim != 2 or table.shape[1] != 3 or len(table) < 1:
+        raise ValueError(f"table must be (S, 3) colours; got shape {table.shape}")
     v = np.nan_to_num(_to_numpy(values).astype(np.float64), nan=0.0)
-    v = np.clip(v, 0.0, 1.0) * (len(table) - 1)
-    lo = np.minimum(np.floor(v).astype(np.int64), len(table) - 2)
-    frac = (v - lo)[..., None]
-    return table[lo] * (1.0 - frac) + table[lo + 1] * frac
+    idx = np.clip((np.clip(v, 0.0, 1.0) * len(table)).astype(np.int64), 0, len(table) - 1)
+    return table[idx]
+
+
+def _image_to_unit_float(image) -> np.ndarray:
+    """uint8 images are divided by 255; float images must already lie in [0, 1]."""
+    raw = _to_numpy(image)
+    if raw.dtype == np.uint8:
+        return raw.astype(np.float64) / 255.0
+    if raw.dtype == np.bool_ or not np.issubdtype(raw.dtype, np.number):
+        raise TypeError(f"image must be uint8 (0-255) or float in [0, 1]; got dtype {raw.dtype}")
+    img = raw.astype(np.float64)
+    finite = img[np.isfinite(img)]
+    if finite.size and (finite.max() > 1.0 + 1e-6 or finite.min() < -1e-6):
+        raise ValueError(
+            f"image must be float in [0, 1] (or uint8 0-255); got values in [{finite.min():.4g}, {finite.max():.4g}]: "
+            "divide a 0-255 float image by 255, or pass it as uint8"
+        )
+    return img
 
 
 def overlay(image, saliency_map, alpha: float = 0.5, *, normalize: bool = True, table: np.ndarray = VIRIDIS) -> np.ndarray:
     """Blend a colour-mapped saliency map over an image: uint8 RGB (H, W, 3).
 
-    ``image``: float in [0, 1], (H, W, 3), (3, H, W), (H, W) or (1, H, W) (grey is replicated),
-    numpy or torch. ``saliency_map``: (h, w) (or with leading singleton dims), any size: it is
+    ``image``: float in [0, 1] or uint8 in 0-255 (divided by 255; a float image outside [0, 1] is
+    rejected), (H, W, 3), (3, H, W), (H, W) or (1, H, W) (grey is replicated), numpy or torch. ``saliency_map``: (h, w) (or with leading singleton dims), any size: it is
     upsampled bilinearly to (H, W), min-max normalised (unless ``normalize=False``, then clipped
     to [0, 1]) and coloured. ``out = (1 - alpha) * image + alpha * colour``.
     """
-    img = _to_numpy(image).astype(np.float64)
+    img = _image_to_unit_float(image)
     if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
         img = np.moveaxis(img, 0, -1)
     if img.ndim == 2:

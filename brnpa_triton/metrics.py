@@ -4,6 +4,7 @@ and the deletion / insertion curves (DAUC / IAUC) of any saliency map."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, NamedTuple
 
 import torch
@@ -14,6 +15,7 @@ __all__ = [
     "deletion_insertion",
     "DeletionInsertion",
     "box_blur",
+    "box_blur_zero_padded",
     "gaussian_blur",
 ]
 
@@ -28,6 +30,10 @@ def sparsity(maps: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     the parts, then over the positions. Token outputs ((B, K, N) maps, (B, N) norms) work too.
     Computed in float32 (float64 for float64 input). An all-zero norm map (0/0 in the paper) is
     taken as normalised norms of 0, giving sparsity 0 instead of NaN.
+
+    Direction: **lower = sparser** (it is the mean normalised attention mass: a one-hot map gives
+    about 1/N, a uniform one about 1). Quantus's ``Sparseness`` runs the other way: it is the Gini
+    index of the attribution, where higher = sparser. Do not compare the two without flipping one.
     """
     if maps.dim() < 3 or norms.dim() != maps.dim() - 1 or maps.shape[0] != norms.shape[0] or maps.shape[2:] != norms.shape[1:]:
         raise ValueError(
@@ -44,9 +50,14 @@ def sparsity(maps: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 
 
 class DeletionInsertion(NamedTuple):
-    """Curves are (B, S + 1): the score after 0, 1, ..., S steps; ``fractions`` (S + 1,) is the
-    fraction of units (cells or pixels) changed after each step, from 0 to 1. AUCs are (B,)
-    (trapezoid rule over ``fractions``); metrics not asked for are None."""
+    """Result of :func:`deletion_insertion`. Metrics not asked for are None.
+
+    ``fractions`` is the fraction of units (cells or pixels) changed at each recorded point of the
+    curves: (S + 1,) from 0 to 1 with ``protocol="library"`` (the intact image first), (S,) after
+    each step with ``protocol="authors"``. Curves are (B, S + 1) or (B, S); AUCs are (B,), by the
+    trapezoid rule over ``deletion_x`` / ``insertion_x``, the abscissae each protocol uses (equal
+    to ``fractions`` for "library"; the authors' stretched step counts for "authors").
+    """
 
     fractions: torch.Tensor
     deletion: torch.Tensor | None
@@ -54,6 +65,20 @@ class DeletionInsertion(NamedTuple):
     deletion_auc: torch.Tensor | None
     insertion_auc: torch.Tensor | None
     target: torch.Tensor  # (B,) class whose score is tracked
+    protocol: str = "library"
+    deletion_x: torch.Tensor | None = None
+    insertion_x: torch.Tensor | None = None
+
+
+def _as_int(name: str, value, minimum: int) -> int:
+    """An int from a Python, numpy or 0-d integer tensor value, else a clear error."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {int(value)}")
+    return int(value)
 
 
 def _blur_1d_box(x: torch.Tensor, dim: int, radius: int) -> torch.Tensor:
@@ -92,6 +117,18 @@ def box_blur(images: torch.Tensor, kernel: int = 121) -> torch.Tensor:
     return x.to(images.dtype)
 
 
+def box_blur_zero_padded(images: torch.Tensor, kernel: int = 121) -> torch.Tensor:
+    """The authors' insertion start: a ``kernel`` x ``kernel`` box filter with zero padding, every
+    output divided by ``kernel**2`` whatever the image size (so pixels near the border, and every
+    pixel of an image smaller than the kernel, get darker). Computed in float32 (float64 kept)."""
+    kernel = _as_int("kernel", kernel, 1)
+    if kernel % 2 == 0:
+        raise ValueError(f"kernel must be a positive odd int; got {kernel}")
+    x = images.to(torch.promote_types(images.dtype, torch.float32))
+    out = F.avg_pool2d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+    return out.to(images.dtype)
+
+
 def gaussian_blur(images: torch.Tensor, kernel: int = 11, sigma: float = 5.0) -> torch.Tensor:
     """Gaussian blur as in RISE's insertion baseline (kernel 11, sigma 5), separable.
 
@@ -124,9 +161,57 @@ def _cell_ids(h: int, w: int, H: int, W: int, device) -> torch.Tensor:
     return F.interpolate(ids, size=(H, W), mode="nearest")[0, 0].round().long()
 
 
+def _authors_cell_ids(h: int, w: int, H: int, W: int, device) -> torch.Tensor:
+    """(H, W) int64 as the authors' loop assigns pixels: square patches of side ``W // w`` (taken
+    from the widths, for both axes) anchored at the top-left corner; pixels beyond the h x w grid
+    of patches belong to no cell (-1) and are never changed."""
+    side = W // w
+    if side < 1:
+        raise ValueError(f"protocol='authors' needs images at least as wide as the saliency map; got width {W} < {w}")
+    rows = torch.arange(H, device=device) // side
+    cols = torch.arange(W, device=device) // side
+    ids = rows[:, None] * w + cols[None, :]
+    inside = (rows < h)[:, None] & (cols < w)[None, :]
+    return torch.where(inside, ids, torch.full_like(ids, -1))
+
+
+def _authors_order(sal: torch.Tensor, step: int) -> torch.Tensor:
+    """(B, U) ranks (0 = changed first) in the authors' order: the map is min-max normalised in
+    float32, then ``topk(step)`` of what is left is taken again and again (changed cells set to
+    -1), which fixes the order of ties as their loop does."""
+    B, U = sal.shape
+    lo, hi = sal.amin(1, keepdim=True), sal.amax(1, keepdim=True)
+    # a constant map is 0/0 in their normalisation; taken as all zeros (all tied) here
+    work = torch.where(hi > lo, (sal - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi)), torch.zeros_like(sal))
+    rank = torch.empty(B, U, dtype=torch.long, device=sal.device)
+    rows = torch.arange(B, device=sal.device)[:, None]
+    done = 0
+    while done < U:
+        take = min(step, U - done)
+        idx = work.topk(step if step <= U else U, dim=1).indices[:, :take]
+        rank[rows, idx] = done + torch.arange(take, device=sal.device)
+        work[rows, idx] = -1.0
+        done += take
+    return rank
+
+
+def _check_logits(out, n: int) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model must return a logits tensor (n, classes); got {type(out).__name__} "
+                        "(wrap a model that returns a tuple, e.g. lambda x: model(x)[0])")
+    if out.dim() != 2 or out.shape[0] != n:
+        raise ValueError(f"model must return logits of shape ({n}, classes) for {n} images; got shape {tuple(out.shape)}")
+    return out
+
+
 @torch.no_grad()
-def _scores(model, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(model(images).float(), dim=1).gather(1, target.view(-1, 1))[:, 0]
+def _scores(model, images: torch.Tensor, target: torch.Tensor, softmax: bool) -> torch.Tensor:
+    logits = _check_logits(model(images), len(images)).float()
+    if bool((target >= logits.shape[1]).any()):
+        raise ValueError(f"target must be class indices below the model's {logits.shape[1]} classes; got {target.tolist()}")
+    if softmax:
+        logits = torch.softmax(logits, dim=1)
+    return logits.gather(1, target.view(-1, 1))[:, 0]
 
 
 @torch.no_grad()
@@ -135,10 +220,12 @@ def deletion_insertion(
     images: torch.Tensor,
     saliency: torch.Tensor,
     *,
+    protocol: str = "library",
     metrics: tuple[str, ...] = ("deletion", "insertion"),
     unit: str = "cell",
     step: int | None = None,
     target: torch.Tensor | None = None,
+    softmax: bool = True,
     deletion_value: float | torch.Tensor = 0.0,
     insertion_start: str | torch.Tensor = "box",
     blur_kernel: int | None = None,
@@ -147,84 +234,140 @@ def deletion_insertion(
 ) -> DeletionInsertion:
     """Deletion and insertion curves and AUCs (Petsiuk et al., RISE; the paper's DAUC / IAUC).
 
-    ``saliency`` (B, 1, h, w) or (B, h, w): any map (BR-NPA, Grad-CAM, random...). Units are
-    ranked by decreasing saliency (ties: lowest index first), and changed ``step`` units at a time:
+    ``saliency`` (B, 1, h, w) or (B, h, w): any map (BR-NPA, a CAM, RISE, random...). Units are
+    ranked by decreasing saliency and changed ``step`` units at a time. Deletion replaces the
+    changed units by ``deletion_value`` (0 by default: zeros in the model's input space; a float
+    or a tensor broadcastable to ``images``). Insertion starts from ``insertion_start`` and puts
+    the original units back: ``"box"`` (a 121 x 121 box blur, see the protocols), ``"gaussian"``
+    (RISE: kernel 11, sigma 5, see :func:`gaussian_blur`) or a tensor broadcastable to
+    ``images``; ``blur_kernel`` overrides the kernel size. After each step the softmax
+    probability of ``target`` (B,) is recorded (its logit with ``softmax=False``); ``target``
+    defaults to the class predicted on the intact images.
 
-    - ``unit="cell"`` (paper default): each saliency cell is a unit, and the image patch under it
-      (pixels mapped to the cell by nearest-neighbour correspondence) is changed; ``step`` defaults
-      to 1 cell.
-    - ``unit="pixel"`` (RISE): the saliency is upsampled bilinearly to the image and each pixel is a
-      unit; ``step`` defaults to the image width (one row's worth of pixels per step).
+    Two protocols, which give different AUCs for the same saliency:
 
-    Deletion replaces the changed units by ``deletion_value`` (0 by default: zeros in the model's
-    input space; a float or a tensor broadcastable to ``images``); the curve starts at the intact
-    image. Insertion starts from ``insertion_start``, ``"box"`` (paper: box blur, kernel 121
-    clamped to the image, see :func:`box_blur`), ``"gaussian"`` (RISE: kernel 11, sigma 5) or a
-    tensor like ``images``, and puts the original units back. ``blur_kernel`` overrides the kernel.
+    - ``protocol="library"`` (default): the curve starts at the intact image (S + 1 points, x from
+      0 to 1 = the fraction of units changed). ``unit="cell"``: each saliency cell is a unit and
+      the pixels mapped to it by nearest-neighbour correspondence change with it (every pixel
+      belongs to exactly one cell, whatever the sizes); ``step`` defaults to 1 cell.
+      ``unit="pixel"`` (RISE): the saliency is upsampled bilinearly and each pixel is a unit;
+      ``step`` defaults to the image width. Ties go to the lowest index. ``"box"`` averages only
+      the in-image pixels of the window and clamps the kernel to the image (:func:`box_blur`).
+    - ``protocol="authors"`` (the paper's published evaluation, reproduced): the saliency is
+      min-max normalised in float32 and cells are taken by repeated ``topk`` (their tie order);
+      the score is recorded only after each step (S points), and the S points are stretched over
+      [0, 1] as their analysis does (deletion: ``x = 1 - (left - min left) / (max left - min left)``;
+      insertion: ``x = 1 - left / max left``, with ``left`` = cells not yet changed, which can go
+      negative on the last step when ``step`` does not divide the number of cells). Patches are
+      squares of side ``image width // map width`` anchored top-left; pixels outside that grid are
+      never changed. ``"box"`` is their zero-padded blur divided by 121² (:func:`box_blur_zero_padded`).
+      Only ``unit="cell"``. With a single step there is one point and the AUC is 0.
 
-    After each step the softmax probability of ``target`` (B,) is recorded; ``target`` defaults to
-    the class predicted on the intact images. All B * (S + 1) perturbed images of a metric are
-    built on the fly and evaluated in batches of ``batch_size`` images (memory bounded), under
-    ``torch.no_grad``. Call ``model.eval()`` first.
+    All perturbed images of a metric are built on the fly and evaluated in batches of
+    ``batch_size`` images (memory bounded), under ``torch.no_grad``. Call ``model.eval()`` first.
     """
-    if images.dim() != 4:
-        raise ValueError(f"images must be (B, C, H, W); got shape {tuple(images.shape)}")
+    if protocol not in ("library", "authors"):
+        raise ValueError(f"protocol must be 'library' or 'authors'; got {protocol!r}")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a (B, C, H, W) tensor; got {getattr(images, 'shape', type(images).__name__)}")
     B, _, H, W = images.shape
+    if B == 0 or H == 0 or W == 0:
+        raise ValueError(f"images must hold at least one non-empty image; got shape {tuple(images.shape)}")
+    if not isinstance(saliency, torch.Tensor):
+        raise TypeError(f"saliency must be a tensor; got {type(saliency).__name__}")
     if saliency.dim() == 4:
         if saliency.shape[1] != 1:
             raise ValueError(f"saliency must have one map per image, (B, 1, h, w); got {tuple(saliency.shape)}")
         saliency = saliency[:, 0]
-    if saliency.dim() != 3 or saliency.shape[0] != B:
+    if saliency.dim() != 3 or saliency.shape[0] != B or saliency.shape[1] == 0 or saliency.shape[2] == 0:
         raise ValueError(f"saliency must be (B, 1, h, w) or (B, h, w) with B={B}; got {tuple(saliency.shape)}")
+    if bool(torch.isnan(saliency).any()):
+        raise ValueError("saliency contains NaN; rank-based metrics need an order of every cell")
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     if not metrics or any(m not in ("deletion", "insertion") for m in metrics):
         raise ValueError(f"metrics must be 'deletion' and/or 'insertion'; got {metrics!r}")
     if unit not in ("cell", "pixel"):
         raise ValueError(f"unit must be 'cell' or 'pixel'; got {unit!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if protocol == "authors" and unit != "cell":
+        raise ValueError("protocol='authors' works on cells only; got unit='pixel'")
+    if not isinstance(softmax, bool):
+        raise TypeError(f"softmax must be True or False; got {softmax!r}")
+    batch_size = _as_int("batch_size", batch_size, 1)
     device = images.device
     sal = saliency.detach().to(device=device, dtype=torch.float32)
+    if protocol == "authors" and not bool(torch.isfinite(sal).all()):
+        raise ValueError("saliency must be finite with protocol='authors' (it is min-max normalised)")
 
     if unit == "cell":
         h, w = sal.shape[1:]
         n_units = h * w
-        cell_of_pixel = _cell_ids(h, w, H, W, device)  # (H, W)
-        step = 1 if step is None else step
+        if protocol == "authors":
+            cell_of_pixel = _authors_cell_ids(h, w, H, W, device)
+        else:
+            cell_of_pixel = _cell_ids(h, w, H, W, device)  # (H, W)
+        step = 1 if step is None else _as_int("step", step, 1)
     else:
         sal = F.interpolate(sal[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
         n_units = H * W
         cell_of_pixel = None
-        step = W if step is None else step
-    if step < 1:
-        raise ValueError(f"step must be >= 1; got {step}")
-    order = torch.sort(sal.flatten(1), dim=1, descending=True, stable=True).indices  # (B, U)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(n_units, device=device).expand(B, -1))
-    pixel_rank = rank[:, cell_of_pixel] if cell_of_pixel is not None else rank.view(B, H, W)  # (B, H, W)
+        step = W if step is None else _as_int("step", step, 1)
+    if protocol == "authors":
+        rank = _authors_order(sal.flatten(1), step)
+    else:
+        order = torch.sort(sal.flatten(1), dim=1, descending=True, stable=True).indices  # (B, U)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(n_units, device=device).expand(B, -1))
+    if cell_of_pixel is None:
+        pixel_rank = rank.view(B, H, W)
+    else:
+        # pixels of no cell get a rank that is never reached (never changed)
+        padded = torch.cat([rank, torch.full((B, 1), n_units, dtype=rank.dtype, device=device)], dim=1)
+        pixel_rank = padded[:, torch.where(cell_of_pixel < 0, n_units, cell_of_pixel)]  # (B, H, W)
 
     n_steps = math.ceil(n_units / step)
-    changed = torch.clamp(torch.arange(n_steps + 1, device=device) * step, max=n_units)  # (S + 1,)
+    first = 0 if protocol == "library" else 1
+    changed = torch.clamp(torch.arange(first, n_steps + 1, device=device) * step, max=n_units)  # points of the curve
+    n_points = len(changed)
     fractions = changed.double() / n_units
 
     if target is None:
-        target = torch.cat([model(images[i : i + batch_size]).argmax(dim=1) for i in range(0, B, batch_size)])
-    target = target.to(device=device, dtype=torch.long).view(B)
+        target = torch.cat([_check_logits(model(images[i : i + batch_size]), len(images[i : i + batch_size])).argmax(dim=1)
+                            for i in range(0, B, batch_size)])
+    target = torch.as_tensor(target, device=device)
+    if target.is_floating_point() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices; got dtype {target.dtype}")
+    if target.dim() == 0:
+        target = target.expand(B)
+    if target.dim() != 1 or target.shape[0] != B:
+        raise ValueError(f"target must be (B,) = ({B},) class indices (or one index for all); got shape {tuple(target.shape)}")
+    target = target.long()
+    if bool((target < 0).any()):
+        raise ValueError(f"target must be class indices >= 0; got {target.tolist()}")
 
     def curve(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
         """Score of images equal to ``end`` on the units ranked below changed[t], ``start`` elsewhere."""
-        total = B * (n_steps + 1)
+        total = B * n_points
         out = torch.empty(total, device=device, dtype=torch.float32)
         for lo in range(0, total, batch_size):
             flat = torch.arange(lo, min(lo + batch_size, total), device=device)
-            b, t = flat // (n_steps + 1), flat % (n_steps + 1)
+            b, t = flat // n_points, flat % n_points
             mask = (pixel_rank[b] < changed[t].view(-1, 1, 1)).unsqueeze(1)  # (n, 1, H, W)
             batch = torch.where(mask, end[b], start[b])
-            out[lo : lo + len(flat)] = _scores(model, batch, target[b])
-        return out.view(B, n_steps + 1)
+            out[lo : lo + len(flat)] = _scores(model, batch, target[b], softmax)
+        return out.view(B, n_points)
 
-    def auc(c: torch.Tensor) -> torch.Tensor:
-        return torch.trapezoid(c.double(), x=fractions.to(c.device), dim=1).float()
+    if protocol == "library":
+        x_del = x_ins = fractions
+    else:
+        left = (n_units - torch.arange(1, n_steps + 1, device=device, dtype=torch.float64) * step)
+        if n_steps == 1:
+            x_del = x_ins = torch.zeros(1, dtype=torch.float64, device=device)
+        else:
+            x_del = 1 - (left - left.min()) / (left.max() - left.min())
+            x_ins = 1 - left / left.max()
+
+    def auc(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.trapezoid(c.double(), x=x.to(c.device), dim=1).float()
 
     deletion = insertion = None
     if "deletion" in metrics:
@@ -234,7 +377,8 @@ def deletion_insertion(
         if isinstance(insertion_start, torch.Tensor):
             start = insertion_start.to(device=device, dtype=images.dtype).expand_as(images)
         elif insertion_start == "box":
-            start = box_blur(images, 121 if blur_kernel is None else blur_kernel)
+            kernel = 121 if blur_kernel is None else blur_kernel
+            start = box_blur(images, kernel) if protocol == "library" else box_blur_zero_padded(images, kernel)
         elif insertion_start == "gaussian":
             start = gaussian_blur(images, 11 if blur_kernel is None else blur_kernel, blur_sigma)
         else:
@@ -244,7 +388,10 @@ def deletion_insertion(
         fractions.float(),
         deletion,
         insertion,
-        None if deletion is None else auc(deletion),
-        None if insertion is None else auc(insertion),
+        None if deletion is None else auc(deletion, x_del),
+        None if insertion is None else auc(insertion, x_ins),
         target,
+        protocol,
+        None if deletion is None else x_del.float(),
+        None if insertion is None else x_ins.float(),
     )

@@ -181,16 +181,38 @@ class BilinearAttentionOutput(NamedTuple):
 
 
 class BilinearAttentionPooling(nn.Module):
-    """Parametric baseline (B-CNN / WS-DAN bilinear attention pooling).
+    """Parametric baseline (B-CNN / WS-DAN bilinear attention pooling), in two variants.
 
-    M attention maps ``A = ReLU(conv1x1(F))`` (a learned (M, C) projection plus bias) weight the
-    features; each weighted map is average-pooled over positions into a C-vector:
-    ``vectors[b, m] = mean_n A[b, m, n] * F[b, :, n]``. With ``wsdan_normalize=True`` the
-    (M*C)-vector gets WS-DAN's signed square root ``sign(x) * sqrt(|x| + 1e-12)`` and L2
-    normalisation (over the M*C entries of each image). ``attention`` replaces the 1x1 conv by any
-    module mapping (B, C, H, W) -> (B, M, H, W) non-negative maps (e.g. a small conv block + ReLU);
-    for token inputs (B, N, C) the default projection is applied per token.
+    M non-negative attention maps A weight the features; each weighted map is average-pooled over
+    positions into a C-vector: ``vectors[b, m] = mean_n A[b, m, n] * F[b, :, n]`` (part-major, as
+    BR-NPA's ``vectors``).
+
+    - ``variant="1x1"`` (default): ``A = ReLU(conv1x1(F))``, a learned (M, C) projection plus bias.
+      Token inputs (B, N, C) work too (the projection is applied per token).
+    - ``variant="authors"``: the attention branch of the paper's B-CNN baseline: a 3x3 residual
+      block on the features (conv3x3-BN-ReLU-conv3x3-BN, plus the input, ReLU), then a 1x1 conv
+      without bias to M + 1 maps, ReLU; the first M maps are used (the extra one is discarded).
+      Feature maps (B, C, H, W) only.
+
+    With ``wsdan_normalize=True`` the (M*C)-vector gets WS-DAN's signed square root
+    ``sign(x) * sqrt(|x| + 1e-12)`` and L2 normalisation (over the M*C entries of each image).
+    ``attention`` replaces the branch by any module mapping (B, C, H, W) -> (B, M', H, W)
+    non-negative maps (the first M are used).
     """
+
+    class ResidualBlock(nn.Module):
+        """conv3x3-BN-ReLU-conv3x3-BN plus the input, then ReLU (channels unchanged)."""
+
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(channels)
+            self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(channels)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.relu(self.bn1(self.conv1(x)))
+            return F.relu(self.bn2(self.conv2(y)) + x)
 
     def __init__(
         self,
@@ -199,18 +221,32 @@ class BilinearAttentionPooling(nn.Module):
         *,
         wsdan_normalize: bool = False,
         attention: nn.Module | None = None,
+        variant: str = "1x1",
     ) -> None:
         super().__init__()
+        for name, value in (("in_channels", in_channels), ("num_maps", num_maps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+        if variant not in ("1x1", "authors"):
+            raise ValueError(f"variant must be '1x1' or 'authors'; got {variant!r}")
         self.in_channels = in_channels
         self.num_maps = num_maps
         self.wsdan_normalize = wsdan_normalize
-        self.attention = attention if attention is not None else nn.Sequential(
-            nn.Conv2d(in_channels, num_maps, kernel_size=1), nn.ReLU()
-        )
+        self.variant = variant
+        if attention is not None:
+            self.attention = attention
+        elif variant == "authors":
+            self.attention = nn.Sequential(
+                self.ResidualBlock(in_channels), nn.Conv2d(in_channels, num_maps + 1, kernel_size=1, bias=False), nn.ReLU()
+            )
+        else:
+            self.attention = nn.Sequential(nn.Conv2d(in_channels, num_maps, kernel_size=1), nn.ReLU())
 
     def _maps(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() == 4:
-            return self.attention(features)
+            return self.attention(features)[:, : self.num_maps]
+        if self.variant == "authors":
+            raise ValueError("variant='authors' needs feature maps (B, C, H, W), not tokens (its 3x3 convs need a grid)")
         conv = self.attention[0] if isinstance(self.attention, nn.Sequential) else None
         if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1):
             raise ValueError("token inputs (B, N, C) need the default 1x1-conv attention")
@@ -233,4 +269,5 @@ class BilinearAttentionPooling(nn.Module):
         return BilinearAttentionOutput(vectors, maps)
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, num_maps={self.num_maps}, wsdan_normalize={self.wsdan_normalize}"
+        return (f"in_channels={self.in_channels}, num_maps={self.num_maps}, variant={self.variant!r}, "
+                f"wsdan_normalize={self.wsdan_normalize}")

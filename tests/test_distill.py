@@ -44,3 +44,52 @@ def test_soft_targets_half_precision_and_errors():
         distillation_loss(logits(0), logits(1), torch.zeros(5, dtype=torch.long), alpha=1.5)
     with pytest.raises(ValueError):
         distillation_loss(logits(0), logits(1), torch.zeros(5, dtype=torch.long), temperature=0)
+
+
+def kl_float64(s, t, T):
+    """KL(softmax(t/T) || softmax(s/T)) per row in float64; classes with a -inf teacher logit add 0."""
+    s, t = s.double() / T, t.double() / T
+    lt, ls = F.log_softmax(t, 1), F.log_softmax(s, 1)
+    return torch.where(t > float("-inf"), lt.exp() * (lt - ls), torch.zeros_like(lt)).sum(1)
+
+
+@pytest.mark.parametrize("T", [1.0, 20.0, 100.0])
+@pytest.mark.parametrize("gap", [1e-2, 1.0])
+def test_float32_matches_float64_at_high_temperature(T, gap):
+    from brnpa_triton.distill import tempered_kl
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(32, 200, generator=g) * 5
+    t = s + gap * torch.randn(32, 200, generator=g)  # a student close to its teacher: tiny KL
+    ref = kl_float64(s, t, T)
+    torch.testing.assert_close(tempered_kl(s, t, T).double(), ref, rtol=2e-4, atol=0)
+    y = torch.zeros(32, dtype=torch.long)
+    loss = distillation_loss(s, t, y, alpha=1.0, temperature=T)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), T**2 * ref.mean(), rtol=2e-4, atol=0)
+
+
+def test_masked_teacher_logits():
+    from brnpa_triton.distill import tempered_kl
+
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(8, 10, generator=g)
+    for gap in (1e-2, 3.0):
+        t = s + gap * torch.randn(8, 10, generator=g)
+        t[:, [2, 5]] = float("-inf")
+        t[0, :] = float("-inf")
+        t[0, 4] = 0.0  # a one-class teacher
+        for T in (1.0, 20.0, 100.0):
+            kl = tempered_kl(s, t, T)
+            assert torch.isfinite(kl).all()
+            torch.testing.assert_close(kl.double(), kl_float64(s, t, T), rtol=2e-4, atol=1e-7)
+        ss = s.clone().requires_grad_(True)
+        loss = distillation_loss(ss, t, torch.zeros(8, dtype=torch.long), 0.5, 20.0)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(ss.grad).all()
+    # the student gives 0 probability where the teacher does not: the KL is +inf, not NaN
+    s2 = s.clone()
+    s2[1, 3] = float("-inf")
+    assert tempered_kl(s2, s, 2.0)[1] == float("inf")
+    with pytest.raises(ValueError, match="teacher_logits"):
+        tempered_kl(s, torch.full_like(s, float("-inf")), 1.0)

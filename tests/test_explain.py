@@ -49,18 +49,44 @@ def test_upsample_and_normalize():
         upsample(torch.zeros(2, 2), 4)
 
 
-def test_colormap_endpoints_and_interpolation():
-    c = colormap(np.array([0.0, 1.0, 0.05, -3.0, np.nan, 7.0]))
-    assert c.shape == (6, 3)
-    np.testing.assert_allclose(c[0], VIRIDIS[0])
-    np.testing.assert_allclose(c[1], VIRIDIS[-1])
-    np.testing.assert_allclose(c[2], (VIRIDIS[0] + VIRIDIS[1]) / 2)
-    np.testing.assert_allclose(c[3], VIRIDIS[0])
-    np.testing.assert_allclose(c[4], VIRIDIS[0])
-    np.testing.assert_allclose(c[5], VIRIDIS[-1])
-    # perceptual: lightness (luma) increases monotonically along viridis
-    luma = colormap(np.linspace(0, 1, 50)) @ np.array([0.299, 0.587, 0.114])
-    assert np.all(np.diff(luma) > 0)
+def test_colormap_is_matplotlibs_viridis():
+    assert VIRIDIS.shape == (256, 3)
+    v = np.concatenate([np.linspace(0, 1, 1001), [0.0039, 0.00391, 0.5, 1.0]])
+    c = colormap(np.concatenate([v, [-3.0, np.nan, 7.0]]))
+    np.testing.assert_allclose(c[-3], VIRIDIS[0])
+    np.testing.assert_allclose(c[-2], VIRIDIS[0])
+    np.testing.assert_allclose(c[-1], VIRIDIS[-1])
+    np.testing.assert_array_equal(np.round(VIRIDIS[[0, 255]] * 255), [[68, 1, 84], [253, 231, 36]])
+    # perceptual: lightness (luma) increases along viridis (bytes wobble by 1/255 between neighbours)
+    luma = VIRIDIS @ np.array([0.299, 0.587, 0.114])
+    assert np.all(np.diff(luma[::4]) > 0)
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    ref = matplotlib.colormaps["viridis"](v, bytes=True)[:, :3]
+    np.testing.assert_array_equal(np.round(c[: len(v)] * 255).astype(np.uint8), ref)
+
+
+def test_saliency_parts_accepts_integer_likes_and_rejects_the_rest():
+    out = bt.brnpa(feats(torch.float64), 3)
+    all_parts = saliency(out, "all")
+    for like in (np.int64(2), torch.tensor(2), [np.int32(2)], np.array([2]), torch.tensor([2])):
+        torch.testing.assert_close(saliency(out, like), all_parts[:, 2:3])
+    for bad in (1.0, True, [0, 1.5], torch.tensor(1.0)):
+        with pytest.raises(TypeError, match="parts"):
+            saliency(out, bad)
+    for bad in ([], [3], -4):
+        with pytest.raises(ValueError, match="parts"):
+            saliency(out, bad)
+
+
+def test_overlay_converts_uint8_and_rejects_0_255_floats():
+    sal = torch.rand(3, 3)
+    grey = np.random.default_rng(0).integers(0, 256, size=(6, 6)).astype(np.uint8)
+    np.testing.assert_array_equal(overlay(grey, sal), overlay(grey / 255.0, sal))
+    with pytest.raises(ValueError, match="image"):
+        overlay(grey.astype(np.float32), sal)
 
 
 @pytest.mark.parametrize("layout", ["hwc", "chw", "hw", "torch1hw"])

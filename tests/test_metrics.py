@@ -161,3 +161,143 @@ def test_with_a_brnpa_model_and_random_saliency():
         torch.testing.assert_close(r.deletion[:, 0], probs.detach())
         assert ((r.deletion_auc >= 0) & (r.deletion_auc <= 1)).all()
         torch.testing.assert_close(r.insertion[:, -1], probs.detach())
+
+
+# ---- the two protocols, the authors' blur, argument checks -------------------------------------
+
+from brnpa_triton.metrics import box_blur_zero_padded  # noqa: E402
+
+
+def test_authors_protocol_hand_computed():
+    r = deletion_insertion(MeanModel(), IMAGE, SAL, protocol="authors", insertion_start=torch.zeros_like(IMAGE))
+    # scores only after each step; the 4 points are stretched over [0, 1]
+    torch.testing.assert_close(r.fractions, torch.tensor([0.25, 0.5, 0.75, 1.0]))
+    torch.testing.assert_close(r.deletion_x, torch.tensor([0, 1 / 3, 2 / 3, 1.0]))
+    torch.testing.assert_close(r.deletion[0], torch.tensor([0.578125, 0.5625, 0.5625, 0.5]))
+    torch.testing.assert_close(r.insertion[0], torch.tensor([0.53125, 0.546875, 0.546875, 0.609375]))
+    assert float(r.deletion_auc[0]) == pytest.approx((0.578125 / 2 + 0.5625 + 0.5625 + 0.5 / 2) / 3)
+    assert float(r.insertion_auc[0]) == pytest.approx((0.53125 / 2 + 0.546875 + 0.546875 + 0.609375 / 2) / 3)
+    # step 3 does not divide 4 cells: left = 1, -2 -> deletion x = 0, 1; insertion x = 1 - left / 1 = 0, 3
+    r3 = deletion_insertion(MeanModel(), IMAGE, SAL, protocol="authors", step=3, insertion_start=torch.zeros_like(IMAGE))
+    torch.testing.assert_close(r3.deletion_x, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(r3.insertion_x, torch.tensor([0.0, 3.0]))
+    torch.testing.assert_close(r3.deletion[0], torch.tensor([0.5625, 0.5]))
+
+
+class EvidenceModel:
+    """Two classes; logit 0 is 4 x the sum of the pixels in rows/cols ``region``, logit 1 is 0."""
+
+    def __init__(self, region):
+        self.region = region
+
+    def __call__(self, x):
+        (r0, r1), (c0, c1) = self.region
+        e = 4 * x[:, :, r0:r1, c0:c1].double().sum(dim=(1, 2, 3))
+        return torch.stack([e, torch.zeros_like(e)], dim=1)
+
+
+def test_both_protocols_on_a_model_whose_answer_is_known():
+    # a 6x6 image on a 2x2 map: cells are 3x3 patches; all the evidence lies in cell 3 (bottom right)
+    images = torch.zeros(1, 1, 6, 6)
+    images[..., 3:, 3:] = 1.0
+    model = EvidenceModel(((3, 6), (3, 6)))
+    p0 = 1 / (1 + math.exp(-36.0))  # softmax of class 0 on the intact image
+    right = torch.tensor([[[0.0, 0.1], [0.2, 0.9]]])  # the evidence cell first
+    wrong = torch.tensor([[[0.9, 0.2], [0.1, 0.0]]])  # the evidence cell last
+    zeros = torch.zeros_like(images)
+    lib = deletion_insertion(model, images, right, insertion_start=zeros)
+    # library: [p0, 0.5, 0.5, 0.5, 0.5] over 0, .25, .., 1; insertion mirrored
+    assert float(lib.deletion_auc[0]) == pytest.approx(0.25 * (p0 + 0.5) / 2 + 0.75 * 0.5, abs=1e-6)
+    assert float(lib.insertion_auc[0]) == pytest.approx(0.25 * (0.5 + p0) / 2 + 0.75 * p0, abs=1e-6)
+    aut = deletion_insertion(model, images, right, protocol="authors", insertion_start=zeros)
+    # authors: [0.5, 0.5, 0.5, 0.5] and [p0] * 4 over linspace(0, 1, 4)
+    assert float(aut.deletion_auc[0]) == pytest.approx(0.5, abs=1e-6)
+    assert float(aut.insertion_auc[0]) == pytest.approx(p0, abs=1e-6)
+    bad = deletion_insertion(model, images, wrong, protocol="authors", insertion_start=zeros)
+    # evidence last: [p0, p0, p0, 0.5] and [0.5, 0.5, 0.5, p0]
+    assert float(bad.deletion_auc[0]) == pytest.approx((p0 / 2 + p0 + p0 + 0.5 / 2) / 3, abs=1e-6)
+    assert float(bad.insertion_auc[0]) == pytest.approx((0.5 / 2 + 0.5 + 0.5 + p0 / 2) / 3, abs=1e-6)
+
+
+def test_authors_patches_anchor_top_left_and_leave_the_rest():
+    # 7x7 image, 2x2 map: patches of side 7 // 2 = 3 from the top-left; row 6 and column 6 never change
+    images = torch.ones(1, 1, 7, 7)
+    model = EvidenceModel(((6, 7), (0, 7)))  # evidence only in the last row
+    sal = torch.rand(1, 2, 2, generator=torch.Generator().manual_seed(0))
+    aut = deletion_insertion(model, images, sal, protocol="authors", metrics="deletion")
+    p = 1 / (1 + math.exp(-28.0))
+    torch.testing.assert_close(aut.deletion[0], torch.full((4,), p))  # the evidence is never deleted
+    lib = deletion_insertion(model, images, sal, metrics="deletion")
+    assert float(lib.deletion[0, -1]) == pytest.approx(0.5)  # the library's cells cover every pixel
+
+
+def test_authors_tie_order_is_repeated_topk():
+    sal = torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.9, 0.3]])
+    from brnpa_triton.metrics import _authors_order
+
+    rank = _authors_order(sal.clone(), 1)
+    work, expected = sal.clone(), []
+    for _ in range(6):
+        i = int(work[0].topk(1).indices)
+        expected.append(i)
+        work[0, i] = -1
+    assert rank[0].argsort().tolist() == expected
+
+
+def test_zero_padded_box_blur_is_the_authors_convolution():
+    y = torch.rand(2, 3, 10, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    k = 7
+    weight = torch.full((3, 1, k, k), 1.0 / k**2, dtype=torch.float64)
+    torch.testing.assert_close(box_blur_zero_padded(y, k), F.conv2d(y, weight, padding=k // 2, groups=3))
+    big = box_blur_zero_padded(y)  # 121 on a 10x9 image: every output is the image sum / 121^2
+    torch.testing.assert_close(big, y.sum(dim=(2, 3), keepdim=True).expand_as(y) / 121**2)
+
+
+def test_logit_tracking():
+    r = deletion_insertion(MeanModel(), IMAGE, SAL, metrics="deletion", softmax=False)
+    means = torch.tensor([0.4375, 0.3125, 0.25, 0.25, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(r.deletion[0], torch.log(means + 2).float())
+
+
+class TupleModel:
+    def __call__(self, x):
+        return MeanModel()(x), None
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,words",
+    [
+        (dict(step=1.5), TypeError, "step"),
+        (dict(step=0), ValueError, "step"),
+        (dict(step=True), TypeError, "step"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(target=torch.tensor([0, 1])), ValueError, "target"),
+        (dict(target=torch.tensor([0.0])), TypeError, "target"),
+        (dict(target=torch.tensor([2])), ValueError, "target"),
+        (dict(protocol="paper"), ValueError, "protocol"),
+        (dict(protocol="authors", unit="pixel"), ValueError, "unit"),
+        (dict(softmax="yes"), TypeError, "softmax"),
+    ],
+)
+def test_argument_errors_name_the_argument(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        deletion_insertion(MeanModel(), IMAGE, SAL, **kwargs)
+
+
+def test_input_errors_name_the_argument():
+    with pytest.raises(ValueError, match="images"):
+        deletion_insertion(MeanModel(), IMAGE[:0], SAL[:0])
+    with pytest.raises(TypeError, match="model"):
+        deletion_insertion(TupleModel(), IMAGE, SAL)
+    with pytest.raises(ValueError, match="model"):
+        deletion_insertion(lambda x: x, IMAGE, SAL)
+    nan = SAL.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="saliency"):
+        deletion_insertion(MeanModel(), IMAGE, nan)
+    import numpy as np
+
+    r = deletion_insertion(MeanModel(), IMAGE, SAL, step=np.int64(2), target=torch.tensor(0), metrics="deletion")
+    assert r.deletion.shape == (1, 3)
+    flat = deletion_insertion(MeanModel(), IMAGE, torch.zeros_like(SAL), protocol="authors")  # constant map
+    assert torch.isfinite(flat.deletion_auc).all() and torch.isfinite(flat.insertion_auc).all()
