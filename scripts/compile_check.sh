@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile the Triton kernels for sm_90/sm_80/sm_89 with another triton release, in its own venv
 # (.venv-triton-VERSION: torch, that triton, pytest; about 1.6 GB, created on first use), and run
-# the static checks of tests/test_kernels_static.py with it: compilers differ between releases
+# the static checks of tests/test_bench_kernels.py with it: compilers differ between releases
 # (register allocation, spills). No GPU needed. Usage: scripts/compile_check.sh 3.6.0
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +13,4 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install -q "torch==2.13.0" "triton==$version" pytest hypothesis numpy
 fi
 echo "== static compile checks with triton $("$venv/bin/python" -c 'import triton; print(triton.__version__)')"
-PYTHONPATH=. TRITON_INTERPRET=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_kernels_static.py
+PYTHONPATH=. TRITON_INTERPRET=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_bench_kernels.py

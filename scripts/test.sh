@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run the test suite. The kernels run compiled where CUDA is available
 # and under the Triton interpreter elsewhere (tests/conftest.py decides and says which), and
-# tests/test_kernels_static.py compiles them for sm_90/sm_80/sm_89 with the installed triton.
+# tests/test_bench_kernels.py compiles them for sm_90/sm_80/sm_89 with the installed triton.
 # The same compile checks with another triton release: scripts/compile_check.sh (CI runs both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
