@@ -164,7 +164,9 @@ class BRNPAClassifier(nn.Module):
     :class:`BRNPAOutput` (maps, norms, ...) for :func:`brnpa_triton.explain.saliency`.
     """
 
-    def __init__(self, backbone: nn.Module, in_channels: int, num_classes: int, num_parts: int = 3, **head_kwargs) -> None:
+    def __init__(
+        self, backbone: nn.Module, in_channels: int, num_classes: int, num_parts: int = 3, **head_kwargs
+    ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be a torch.nn.Module; got {type(backbone).__name__}")
@@ -237,7 +239,9 @@ class BilinearAttentionPooling(nn.Module):
             self.attention = attention
         elif variant == "authors":
             self.attention = nn.Sequential(
-                self.ResidualBlock(in_channels), nn.Conv2d(in_channels, num_maps + 1, kernel_size=1, bias=False), nn.ReLU()
+                self.ResidualBlock(in_channels),
+                nn.Conv2d(in_channels, num_maps + 1, kernel_size=1, bias=False),
+                nn.ReLU(),
             )
         else:
             self.attention = nn.Sequential(nn.Conv2d(in_channels, num_maps, kernel_size=1), nn.ReLU())
@@ -246,7 +250,9 @@ class BilinearAttentionPooling(nn.Module):
         if features.dim() == 4:
             return self.attention(features)[:, : self.num_maps]
         if self.variant == "authors":
-            raise ValueError("variant='authors' needs feature maps (B, C, H, W), not tokens (its 3x3 convs need a grid)")
+            raise ValueError(
+                "variant='authors' needs feature maps (B, C, H, W), not tokens (its 3x3 convs need a grid)"
+            )
         conv = self.attention[0] if isinstance(self.attention, nn.Sequential) else None
         if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1):
             raise ValueError("token inputs (B, N, C) need the default 1x1-conv attention")

@@ -33,7 +33,9 @@ def _safe_norm(x: torch.Tensor) -> torch.Tensor:
     nonzero = scale > 0
     unit = x / torch.where(nonzero, scale, torch.ones_like(scale))
     squared = (unit * unit).sum(-1, keepdim=True)
-    return torch.where(nonzero, scale * torch.sqrt(torch.where(nonzero, squared, torch.ones_like(squared))), 0.0).squeeze(-1)
+    return torch.where(
+        nonzero, scale * torch.sqrt(torch.where(nonzero, squared, torch.ones_like(squared))), 0.0
+    ).squeeze(-1)
 
 
 def _dots(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ def test_large_finite_inputs_give_finite_outputs_and_gradients(dtype, backend, s
     for layout in LAYOUTS:
         x = in_layout(f, layout).requires_grad_()
         out = run_layout(x, layout, 3, 3, 2, check_finite=True, backend=backend)
-        for name, t in zip(out._fields, out):
+        for name, t in zip(out._fields, out, strict=True):
             assert torch.isfinite(t).all(), f"{layout}: {name} is not finite"
         assert torch.equal(out.indices, expected.indices)
         torch.testing.assert_close(out.maps.double(), expected.maps, rtol=rtol, atol=rtol)
@@ -86,7 +86,7 @@ def test_values_near_the_largest_finite_value(dtype, backend):
     f[:, 1:] *= big * 1e-3
     x = f.to(dtype)
     out = bt.brnpa(x, 3, check_finite=True, backend=backend)
-    for name, t in zip(out._fields, out):
+    for name, t in zip(out._fields, out, strict=True):
         assert torch.isfinite(t).all(), f"{name} is not finite"
     torch.testing.assert_close(out.maps.sum((2, 3)), torch.ones(1, 3, dtype=dtype), rtol=1e-2, atol=1e-2)
 

@@ -208,7 +208,7 @@ def forward(
     ]
     if len(chunks) == 1:
         return chunks[0]
-    return Forward(*(torch.cat(outputs) for outputs in zip(*chunks)))
+    return Forward(*(torch.cat(outputs) for outputs in zip(*chunks, strict=True)))
 
 
 def _forward_images(
