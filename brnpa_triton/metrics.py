@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 __all__ = [
     "sparsity",
@@ -47,8 +48,8 @@ def sparsity(maps: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
             f"got {tuple(maps.shape)} and {tuple(norms.shape)}"
         )
     dtype = torch.promote_types(maps.dtype, torch.float32)
-    m = maps.detach().to(dtype).flatten(2)  # (B, K, N)
-    n = norms.detach().to(dtype).flatten(1)  # (B, N)
+    m = rearrange(maps.detach().to(dtype), "b k ... -> b k (...)")
+    n = rearrange(norms.detach().to(dtype), "b ... -> b (...)")
     n_max = n.amax(dim=1, keepdim=True)
     n = torch.where(n_max > 0, n / torch.where(n_max > 0, n_max, torch.ones_like(n_max)), torch.zeros_like(n))
     m = m * n[:, None, :]
@@ -327,14 +328,15 @@ def deletion_insertion(
         n_units = H * W
         cell_of_pixel = None
         step = W if step is None else _as_int("step", step, 1)
+    units = rearrange(sal, "b h w -> b (h w)")  # (B, U), row-major
     if protocol == "authors":
-        rank = _authors_order(sal.flatten(1), step)
+        rank = _authors_order(units, step)
     else:
-        order = torch.sort(sal.flatten(1), dim=1, descending=True, stable=True).indices  # (B, U)
+        order = torch.sort(units, dim=1, descending=True, stable=True).indices  # (B, U)
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(n_units, device=device).expand(B, -1))
     if cell_of_pixel is None:
-        pixel_rank = rank.view(B, H, W)
+        pixel_rank = rearrange(rank, "b (h w) -> b h w", h=H)
     else:
         # pixels of no cell get a rank that is never reached (never changed)
         padded = torch.cat([rank, torch.full((B, 1), n_units, dtype=rank.dtype, device=device)], dim=1)

@@ -12,6 +12,7 @@ apply (see the README, "Semantics"):
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 EPS = 1e-5
 # A part is degenerate when |S_k| <= DEGENERATE_SUM_RATIO * sum_n |sim_kn|: its map would be
@@ -62,7 +63,7 @@ def brnpa_reference(
     K = num_parts
     all_vectors, all_maps, all_indices, all_norms = [], [], [], []
     for b in range(B):
-        x = features[b].reshape(C, N).t()  # x[n] is the feature at position n = h*W + w
+        x = rearrange(features[b], "c h w -> (h w) c")  # x[n] is the feature at position n = h*W + w
         feature_norm = _safe_norm(x)  # ||x_n||
         rho = feature_norm + EPS  # rho_n
         score = rho.detach().clone()  # s_n: selection only, carries no gradient
@@ -85,9 +86,9 @@ def brnpa_reference(
             maps.append(a)
             indices.append(i_k)
         all_vectors.append(torch.stack(vectors))
-        all_maps.append(torch.stack(maps).reshape(K, H, W))
+        all_maps.append(rearrange(torch.stack(maps), "k (h w) -> k h w", h=H))
         all_indices.append(torch.tensor(indices, dtype=torch.int64, device=features.device))
-        all_norms.append(feature_norm.reshape(H, W))
+        all_norms.append(rearrange(feature_norm, "(h w) -> h w", h=H))
     vectors = torch.stack(all_vectors)
     maps = torch.stack(all_maps)
     indices = torch.stack(all_indices)
