@@ -1,4 +1,4 @@
-"""The oracle: a plain, line-by-line transcription of ``shared/BRNPA_SPEC.md``."""
+"""The oracle: a plain, line-by-line transcription of the operator in ``docs/SPEC.md``."""
 
 from reference.brnpa import DEGENERATE_SUM_RATIO, EPS, brnpa_reference
 

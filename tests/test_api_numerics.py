@@ -30,7 +30,7 @@ def _assert_identical_where_duplicated(values: torch.Tensor, groups: torch.Tenso
 def test_duplicated_columns_tie_to_the_lowest_position_in_every_layout(dtype, backend):
     for seed, (B, C, H, W) in enumerate([(2, 33, 4, 17), (1, 7, 5, 5), (2, 70, 3, 9), (1, 1, 4, 6)]):
         f = random_features(B, C, H, W, seed=seed, dtype=dtype, duplicate_columns=H * W // 2)
-        # Whole rows repeated too (the example): position h*W + w copies w.
+        # Whole rows repeated too: position h*W + w copies w.
         f[:, :, 1:] = f[:, :, :1]
         groups = duplicate_groups(f)
         K = 3

@@ -25,7 +25,7 @@ _CAMS = {"gradcam": grad_cam, "gradcam++": grad_cam_pp, "hirescam": hires_cam, "
 
 @torch.no_grad()
 def predict(model, images: torch.Tensor, batch_size: int = 256):
-    """Logits and the BR-NPA outputs (maps, norms) of the whole set, in batches."""
+    """``(logits, maps, norms)`` of the whole set: the logits and the BR-NPA maps and norms, in batches."""
     logits, maps, norms = [], [], []
     for i in range(0, len(images), batch_size):
         lg, out = model(images[i : i + batch_size], return_output=True)
@@ -87,7 +87,12 @@ def saliencies(model, x: torch.Tensor, layer, maps, norms, *, rise_masks: int, s
 
 def evaluate(model, test, layer, *, eval_images: int, di_step: int, di_batch: int, rise_masks: int,
              insertion_kernel: int, seed: int, progress: bool = True, desc: str = "evaluate") -> tuple[dict, dict]:
-    """Figures of one trained model; returns (results, saliency maps of the evaluated images)."""
+    """Figures of one trained model, the explanations scored on the first ``eval_images`` test images.
+
+    Returns ``(results, extra)``: the figures (a JSON-ready dict) and, for the figure, a dict of
+    tensors of the evaluated images: ``"saliency"`` (method name -> (n, 1, h, w) map), ``"maps"``,
+    ``"norms"`` and ``"logits"``.
+    """
     model.eval()
     x_all, y_all, boxes_all = test.images, test.labels, test.boxes
     size = tuple(x_all.shape[2:])
@@ -177,6 +182,7 @@ def _pm(d: dict, digits: int = 3) -> str:
 
 
 def format_report(res: dict) -> str:
+    """The plain-text report of a run (what the demo prints)."""
     s = res["summary"]
     first = res["per_seed"][0]
     lines = [
