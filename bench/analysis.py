@@ -59,7 +59,7 @@ def scaling_fits(rows: list) -> list:
             ly = [math.log(t) for _, t in pts]
             mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
             sxx = sum((a - mx) ** 2 for a in lx)
-            slope = sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sxx
+            slope = sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sxx
             fits.append({"variable": var, "fixed": json.loads(key), "points": pts, "slope": slope})
     return fits
 

@@ -20,7 +20,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ALLOCATORS = {
     "default": {},
     "thp": {"THP_MEM_ALLOC_ENABLE": "1"},  # c10 madvise(MADV_HUGEPAGE) on >= 2 MB blocks
-    "cached": {"MALLOC_MMAP_THRESHOLD_": str(1 << 40), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},  # glibc keeps freed memory
+    "cached": {
+        "MALLOC_MMAP_THRESHOLD_": str(1 << 40),
+        "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
+    },  # glibc keeps freed memory
 }
 ALLOCATOR_VARS = sorted({k for v in ALLOCATORS.values() for k in v} | {"LD_PRELOAD"})
 

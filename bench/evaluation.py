@@ -33,7 +33,7 @@ def small_cnn(classes: int = 10) -> nn.Module:
     """Five stride-2 3x3 convolutions (448 -> 14), global average pooling, a linear layer."""
     widths = [3, 8, 16, 32, 32, 32]
     layers = []
-    for cin, cout in zip(widths[:-1], widths[1:]):
+    for cin, cout in zip(widths[:-1], widths[1:], strict=True):
         layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU()]
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], classes))
 
@@ -93,7 +93,9 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def run(images: int, loop_images: int, repeats: int, batch_size: int, size: int, grid: int, threads: int | None) -> dict:
+def run(
+    images: int, loop_images: int, repeats: int, batch_size: int, size: int, grid: int, threads: int | None
+) -> dict:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -107,8 +109,15 @@ def run(images: int, loop_images: int, repeats: int, batch_size: int, size: int,
     for rep in range(repeats):
         t_b, r = _timed(lambda: deletion_insertion(model, x, sal, protocol="authors", batch_size=batch_size))
         per_b = t_b / images
-        t_l, curves = _timed(lambda: [(per_image_loop(model, x[i], sal[i, 0], "deletion"),
-                                       per_image_loop(model, x[i], sal[i, 0], "insertion")) for i in range(loop_images)])
+        t_l, curves = _timed(
+            lambda: [
+                (
+                    per_image_loop(model, x[i], sal[i, 0], "deletion"),
+                    per_image_loop(model, x[i], sal[i, 0], "insertion"),
+                )
+                for i in range(loop_images)
+            ]
+        )
         per_l = t_l / loop_images
         for i, (d, ins) in enumerate(curves):
             max_diff = max(max_diff, float((r.deletion[i] - torch.tensor(d)).abs().max()),
@@ -125,20 +134,32 @@ def run(images: int, loop_images: int, repeats: int, batch_size: int, size: int,
 
     return {
         "what": "deletion + insertion (both curves) per image: batched deletion_insertion(protocol='authors') "
-                "vs a per-image loop, one cell and one forward pass per step",
-        "shape": {"images": [images, 3, size, size], "saliency": [images, 1, grid, grid], "steps_per_metric": grid * grid},
+        "vs a per-image loop, one cell and one forward pass per step",
+        "shape": {
+            "images": [images, 3, size, size],
+            "saliency": [images, 1, grid, grid],
+            "steps_per_metric": grid * grid,
+        },
         "model": "small CNN: 5 stride-2 3x3 convs (widths 8-16-32-32-32), global average pooling, linear (10 classes)",
         "batch_size": batch_size,
         "loop_images": loop_images,
         "repeats": repeats,
-        "seconds_per_image": {"batched": spread(batched), "loop": spread(loop),
-                              "batched_library_protocol_single_run": t_lib / images},
+        "seconds_per_image": {
+            "batched": spread(batched),
+            "loop": spread(loop),
+            "batched_library_protocol_single_run": t_lib / images,
+        },
         "speedup": spread(ratios),
         "max_abs_curve_difference_loop_vs_authors_protocol": max_diff,
         "machine": {
-            "cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_before": load_before, "load_average_after": _load(),
+            "cpu": _cpu_name(),
+            "logical_cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "load_average_before": load_before,
+            "load_average_after": _load(),
         },
     }
 
@@ -146,21 +167,28 @@ def run(images: int, loop_images: int, repeats: int, batch_size: int, size: int,
 def markdown(res: dict) -> str:
     s, m = res["seconds_per_image"], res["machine"]
     busy = ""
-    if m["load_average_before"] and m["logical_cpus"] and max(m["load_average_before"][0], m["load_average_after"][0]) > 0.5 * m["logical_cpus"]:
-        busy = (f"\n**Busy machine**: load average {m['load_average_before']} before, {m['load_average_after']} after, on "
-                f"{m['logical_cpus']} logical CPUs; both paths ran slower, and the ratio is the figure to read.\n")
+    if (
+        m["load_average_before"]
+        and m["logical_cpus"]
+        and max(m["load_average_before"][0], m["load_average_after"][0]) > 0.5 * m["logical_cpus"]
+    ):
+        busy = (
+            f"\n**Busy machine**: load average {m['load_average_before']} before, {m['load_average_after']} after, on "
+            f"{m['logical_cpus']} logical CPUs; both paths ran slower, and the ratio is the figure to read.\n"
+        )
+    shape, b, loop, speedup = res["shape"], s["batched"], s["loop"], res["speedup"]
     return f"""# Deletion / insertion evaluation speed (CPU)
 
-{res['what']}. Images {res['shape']['images']} (loop: first {res['loop_images']}), saliency {res['shape']['saliency']},
-{res['shape']['steps_per_metric']} steps per metric; {res['model']}; batch size {res['batch_size']}; {res['repeats']} repeats.
+{res['what']}. Images {shape['images']} (loop: first {res['loop_images']}), saliency {shape['saliency']},
+{shape['steps_per_metric']} steps per metric; {res['model']}; batch size {res['batch_size']}; {res['repeats']} repeats.
 
 | path | seconds per image, median | min | max |
 |---|---|---|---|
-| batched `deletion_insertion(protocol="authors")` | {s['batched']['median']:.3f} | {s['batched']['min']:.3f} | {s['batched']['max']:.3f} |
-| per-image loop (one cell, one forward per step) | {s['loop']['median']:.3f} | {s['loop']['min']:.3f} | {s['loop']['max']:.3f} |
+| batched `deletion_insertion(protocol="authors")` | {b['median']:.3f} | {b['min']:.3f} | {b['max']:.3f} |
+| per-image loop (one cell, one forward per step) | {loop['median']:.3f} | {loop['min']:.3f} | {loop['max']:.3f} |
 
-Speed-up of the batched path: **{res['speedup']['median']:.2f}x** median (range {res['speedup']['min']:.2f}x to
-{res['speedup']['max']:.2f}x over the repeats). `protocol="library"` (one more point per curve), one run:
+Speed-up of the batched path: **{speedup['median']:.2f}x** median (range {speedup['min']:.2f}x to
+{speedup['max']:.2f}x over the repeats). `protocol="library"` (one more point per curve), one run:
 {s['batched_library_protocol_single_run']:.3f} s per image. Largest difference between the loop's curves and
 `protocol="authors"`: {res['max_abs_curve_difference_loop_vs_authors_protocol']:.2e}.
 {busy}

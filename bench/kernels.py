@@ -289,7 +289,9 @@ def x_derived_names(trees: dict[str, ast.Module], roots=X_POINTERS) -> dict[str,
                     callee = getattr(node.func, "id", getattr(node.func, "attr", None))
                     if callee in funcs:
                         cpath, params = funcs[callee]
-                        new += [(cpath, params[i]) for i, a in enumerate(node.args) if i < len(params) and _names(a) & mine]
+                        new += [
+                            (cpath, params[i]) for i, a in enumerate(node.args) if i < len(params) and _names(a) & mine
+                        ]
                         new += [(cpath, k.arg) for k in node.keywords if k.arg in params and _names(k.value) & mine]
                 for p_, n in new:
                     if n not in tainted[p_]:
@@ -323,7 +325,12 @@ class SourceIndex:
             try:
                 src = Path(path).read_text()
                 tree = ast.parse(src)
-                stmts = [n for n in ast.walk(tree) if isinstance(n, ast.stmt) and not isinstance(n, (ast.For, ast.While, ast.If, ast.FunctionDef, ast.With))]
+                stmts = [
+                    n
+                    for n in ast.walk(tree)
+                    if isinstance(n, ast.stmt)
+                    and not isinstance(n, (ast.For, ast.While, ast.If, ast.FunctionDef, ast.With))
+                ]
                 self._files[path] = {"loops": source_for_loops(src), "streaming": self._streaming(src), "tree": tree,
                                      "lines": src.splitlines(), "stmts": stmts}
                 self._x_names = None
@@ -431,7 +438,9 @@ def make_plan(source, request: dict) -> list[tuple[str, list]]:
 
     if request["kind"] == "variants":
         return [(label, list(launches)) for label, launches in source.plan_variants()]
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[request["dtype"]]
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[
+        request["dtype"]
+    ]
     B, C, N, K = request["B"], request["C"], request["H"] * request["W"], request["K"]
     strides = layout_strides(request["layout"], C, N)
     sm = CARDS[request["card"]].sm_count
@@ -585,8 +594,12 @@ def run_jobs(jobs: list[dict], legacy: bool, workers: int = 2, python: str | Non
     the jobs' order."""
     if not jobs:
         return []
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": os.environ.get("TRITON_DEFAULT_FP_FUSION", "1"),
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "0",
+        "TRITON_DEFAULT_FP_FUSION": os.environ.get("TRITON_DEFAULT_FP_FUSION", "1"),
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     env.pop("TRITON_DISABLE_LINE_INFO", None)  # loops are mapped to the source through line info
     # Deal jobs round-robin, heaviest kinds spread evenly.
     chunks = [jobs[i::workers] for i in range(max(1, workers))]
@@ -606,7 +619,9 @@ def run_jobs(jobs: list[dict], legacy: bool, workers: int = 2, python: str | Non
         p.wait()
         got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         if p.returncode != 0 or len(got) != len(chunk):
-            raise RuntimeError(f"compile worker failed (exit {p.returncode}, {len(got)}/{len(chunk)} results):\n{err[-4000:]}")
+            raise RuntimeError(
+                f"compile worker failed (exit {p.returncode}, {len(got)}/{len(chunk)} results):\n{err[-4000:]}"
+            )
         for r in got:
             by_job[json.dumps(r["job"], sort_keys=True)] = r
     return [by_job[json.dumps(j, sort_keys=True)] for j in jobs]
@@ -651,7 +666,7 @@ def compile_collected(col: Collected, legacy: bool, workers: int = 2, python: st
     """compile key -> result."""
     keys = list(col.jobs)
     results = run_jobs([col.jobs[k] for k in keys], legacy, workers, python)
-    return dict(zip(keys, results))
+    return dict(zip(keys, results, strict=True))
 
 
 # ---- the report ---------------------------------------------------------------------------
@@ -724,8 +739,10 @@ def variant_rows(col: Collected, compiled: dict) -> list[dict]:
     for plan_label, entries in col.plans.items():
         for label, launches in entries:
             for ln in launches:
-                ident = json.dumps([ln["kernel"], ln["pointers"], ln["constexprs"], ln["divisibility_16"], ln["options"]],
-                                   sort_keys=True)
+                ident = json.dumps(
+                    [ln["kernel"], ln["pointers"], ln["constexprs"], ln["divisibility_16"], ln["options"]],
+                    sort_keys=True,
+                )
                 row = seen.get(ident)
                 if row is None:
                     row = seen[ident] = {"used_by": [], "launch": ln["name"], "kernel": ln["kernel"],
@@ -804,12 +821,17 @@ def render_markdown(rep: dict) -> str:
     if rep["errors"]:
         out += ["## Compile errors", ""] + [f"- `{e['job']}`: {e['error'][:300]}" for e in rep["errors"]] + [""]
 
-    out += ["## Benchmark shapes: launch plans and structure", "",
-            "Programs per SM and resident blocks: per launch, on the H100 plan (sm_90) / the A100 plan (sm_80). "
-            "X loads: the widths (bits) of the loads of X in the loops that stream X, sm_90. "
-            "BAR.SYNC: per loop that streams X, sm_90.", "",
-            "| B, C, HxW | dtype | layout | dir | launches (grid) H100 | programs/SM H100 / A100 | blocks/SM resident sm_90 / sm_80 | X loads (bits) | BAR.SYNC in X loops |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    out += [
+        "## Benchmark shapes: launch plans and structure",
+        "",
+        "Programs per SM and resident blocks: per launch, on the H100 plan (sm_90) / the A100 plan (sm_80). "
+        "X loads: the widths (bits) of the loads of X in the loops that stream X, sm_90. "
+        "BAR.SYNC: per loop that streams X, sm_90.",
+        "",
+        "| B, C, HxW | dtype | layout | dir | launches (grid) H100 "
+        "| programs/SM H100 / A100 | blocks/SM resident sm_90 / sm_80 | X loads (bits) | BAR.SYNC in X loops |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rep["shapes"]:
         h, a = row["cards"].get("H100"), row["cards"].get("A100")
         if not h:
@@ -817,19 +839,28 @@ def render_markdown(rep: dict) -> str:
         lns_a = a["launches"] if a else [None] * len(h["launches"])
         grids = "<br>".join(_grid(ln) for ln in h["launches"])
         pps = "<br>".join(f"{lh['programs_per_sm']:.2f} / " + (f"{la['programs_per_sm']:.2f}" if la else "-")
-                          for lh, la in zip(h["launches"], lns_a))
+                          for lh, la in zip(h["launches"], lns_a, strict=False))
         res = "<br>".join(f"{lh['resident_blocks_per_sm']} / " + (f"{la['resident_blocks_per_sm']}" if la else "-")
-                          for lh, la in zip(h["launches"], lns_a))
+                          for lh, la in zip(h["launches"], lns_a, strict=False))
         widths = "<br>".join(",".join(map(str, ln["x_load_widths_bits"])) or "-" for ln in h["launches"])
         bars = "<br>".join(",".join(map(str, ln["bar_sync_in_streaming_loops"])) or "-" for ln in h["launches"])
-        out.append(f"| {row['B']}, {row['C']}, {row['HxW']} | {row['dtype']} | {row['layout']} | {_DIR[row['direction']]} "
-                   f"| {grids} | {pps} | {res} | {widths} | {bars} |")
+        out.append(
+            f"| {row['B']}, {row['C']}, {row['HxW']} | {row['dtype']} | {row['layout']} | {_DIR[row['direction']]} "
+            f"| {grids} | {pps} | {res} | {widths} | {bars} |"
+        )
 
-    out += ["", "## Benchmark shapes: bytes and bandwidth-bound times (us)", "",
-            "Est: the plan's bytes at the card's peak. Floors: one read of X; forward (K+1) reads; "
-            "backward one read plus one write of X. 1 tile in flight: the latency bound described above.", "",
-            "| B, C, HxW | dtype | layout | dir | X MB | moved MB | H100 est | H100 1-read | H100 floor | H100 1 tile in flight | A100 est | A100 1-read | A100 floor | A100 1 tile in flight |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "## Benchmark shapes: bytes and bandwidth-bound times (us)",
+        "",
+        "Est: the plan's bytes at the card's peak. Floors: one read of X; forward (K+1) reads; "
+        "backward one read plus one write of X. 1 tile in flight: the latency bound described above.",
+        "",
+        "| B, C, HxW | dtype | layout | dir | X MB | moved MB "
+        "| H100 est | H100 1-read | H100 floor | H100 1 tile in flight "
+        "| A100 est | A100 1-read | A100 floor | A100 1 tile in flight |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rep["shapes"]:
         cells = []
         for card in ("H100", "A100"):
@@ -840,14 +871,22 @@ def render_markdown(rep: dict) -> str:
             floor = c.get("k_plus_1_reads_us", c.get("read_and_write_us"))
             cells += [_us(c["bandwidth_bound_us"]), _us(c["one_read_us"]), _us(floor), _us(c["one_tile_in_flight_us"])]
         moved = row["cards"].get("H100", row["cards"].get("A100", {})).get("bytes_moved", 0)
-        out.append(f"| {row['B']}, {row['C']}, {row['HxW']} | {row['dtype']} | {row['layout']} | {_DIR[row['direction']]} "
-                   f"| {row['x_bytes'] / 1e6:.1f} | {moved / 1e6:.1f} | " + " | ".join(cells) + " |")
+        out.append(
+            f"| {row['B']}, {row['C']}, {row['HxW']} | {row['dtype']} | {row['layout']} | {_DIR[row['direction']]} "
+            f"| {row['x_bytes'] / 1e6:.1f} | {moved / 1e6:.1f} | " + " | ".join(cells) + " |"
+        )
 
     targets = rep["targets"]
-    out += ["", "## Resources per compiled variant", "",
-            "Per target: registers / spilled bytes (local + stack) / shared bytes (dynamic + static) / threads per block / "
-            "resident blocks per SM (limited by).", "",
-            "| launch | variant | " + " | ".join(targets) + " |", "|---|---|" + "---|" * len(targets)]
+    out += [
+        "",
+        "## Resources per compiled variant",
+        "",
+        "Per target: registers / spilled bytes (local + stack) / shared bytes (dynamic + static) / threads per block / "
+        "resident blocks per SM (limited by).",
+        "",
+        "| launch | variant | " + " | ".join(targets) + " |",
+        "|---|---|" + "---|" * len(targets),
+    ]
     for v in rep["variants"]:
         desc = f"{v['x_dtype']}; " + ", ".join(f"{k}={val}" for k, val in v["constexprs"].items())
         if v["divisibility_16"]:
@@ -861,8 +900,10 @@ def render_markdown(rep: dict) -> str:
                 cells.append("ERROR")
             else:
                 spill = (r["local_bytes"] or 0) + (r["stack_bytes"] or 0)
-                cells.append(f"{r['registers']} / {spill} / {r['shared_dynamic_bytes'] + (r['shared_static_bytes'] or 0)} / "
-                             f"{r['threads_per_block']} / {r['blocks_per_sm']} ({','.join(r['limited_by'])})")
+                cells.append(
+                    f"{r['registers']} / {spill} / {r['shared_dynamic_bytes'] + (r['shared_static_bytes'] or 0)} / "
+                    f"{r['threads_per_block']} / {r['blocks_per_sm']} ({','.join(r['limited_by'])})"
+                )
         out.append(f"| {v['launch']} | {desc} | " + " | ".join(cells) + " |")
 
     out += ["", "## Loops of the SASS at the benchmark shapes (sm_90)", "",
@@ -877,7 +918,9 @@ def render_markdown(rep: dict) -> str:
             r = v["targets"].get("sm_90")
             if not r or "loops" not in r:
                 continue
-            tag = f"{v['launch']} {row['dtype']} {row['layout']} {row['B']}, {row['C']}, {row['HxW']} {row['direction']}"
+            tag = (
+                f"{v['launch']} {row['dtype']} {row['layout']} {row['B']}, {row['C']}, {row['HxW']} {row['direction']}"
+            )
             if not any(u.startswith(f"{row['direction']} B={row['B']} C={row['C']} {row['HxW']} K={row['K']} "
                                     f"{row['dtype']} {row['layout']} H100") for u in v["used_by"]):
                 continue
@@ -885,14 +928,28 @@ def render_markdown(rep: dict) -> str:
             if ident in shown:
                 continue
             shown.add(ident)
-            out += [f"### {tag}", "", f"{r['registers']} registers, {r['instructions']} instructions.", "",
-                    "| loop | depth | source | streams X | instr | BAR.SYNC | SHFL | X loads (bits: count) | all global loads |",
-                    "|---|---|---|---|---|---|---|---|---|"]
+            out += [
+                f"### {tag}",
+                "",
+                f"{r['registers']} registers, {r['instructions']} instructions.",
+                "",
+                "| loop | depth | source "
+                "| streams X | instr | BAR.SYNC | SHFL | X loads (bits: count) | all global loads |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
             for i, lp in enumerate(r["loops"]):
                 xw = ", ".join(f"{w}: {n}" for w, n in lp["x_tile_load_widths"].items()) or "-"
-                allw = "; ".join(f"{s} " + ",".join(f"{w}x{n}" for w, n in c.items()) for s, c in lp["global_loads"].items()) or "-"
-                out.append(f"| {i} {lp['start']}-{lp['end']} | {lp['depth']} | {lp['source'] or '?'} | "
-                           f"{'yes' if lp['streams_x'] else ''} | {lp['instructions']} | {lp['bar_sync']} | {lp['shuffles']} | {xw} | {allw} |")
+                allw = (
+                    "; ".join(
+                        f"{s} " + ",".join(f"{w}x{n}" for w, n in c.items()) for s, c in lp["global_loads"].items()
+                    )
+                    or "-"
+                )
+                out.append(
+                    f"| {i} {lp['start']}-{lp['end']} | {lp['depth']} | {lp['source'] or '?'} | "
+                    f"{'yes' if lp['streams_x'] else ''} "
+                    f"| {lp['instructions']} | {lp['bar_sync']} | {lp['shuffles']} | {xw} | {allw} |"
+                )
             out.append("")
     return "\n".join(out) + "\n"
 
@@ -909,7 +966,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="output directory (default: a new scratch directory)")
     ap.add_argument("--targets", default=",".join(map(str, TARGETS)), help="compute capabilities, e.g. 90,80,89")
-    ap.add_argument("--legacy", action="store_true", help="describe the one-program-per-image launches (bench._legacy_plan)")
+    ap.add_argument(
+        "--legacy", action="store_true", help="describe the one-program-per-image launches (bench._legacy_plan)"
+    )
     ap.add_argument("--stem", default="kernels-static", help="file name stem (default kernels-static)")
     ap.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -20,8 +20,8 @@ and, through autograd, backward). It is the cost model of the original code, not
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -212,20 +212,49 @@ def _compile_available(device: torch.device) -> str | None:
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in [
-        Provider("brnpa-triton", "brnpa", "brnpa_triton.brnpa(backend='triton'): fused Triton kernels",
-                 lambda case, **kw: _build_library(case, "triton"), _triton_available),
-        Provider("brnpa-torch", "brnpa", "brnpa_triton.brnpa(backend='torch'): vectorised PyTorch, closed-form backward",
-                 lambda case, **kw: _build_library(case, "torch"), _always),
-        Provider("eager", "brnpa", "authors'-style batched eager (B,N,C) products per part (bench.providers.brnpa_eager)",
-                 _build_eager, _always),
-        Provider("compiled", "brnpa", "torch.compile(brnpa_eager), static shapes",
-                 _build_compiled, _compile_available),
-        Provider("reference", "brnpa", "reference.brnpa_reference: per-image, per-part python loop (oracle)",
-                 _build_reference, _always),
-        Provider("bap-wsdan", "baseline", "bilinear attention pooling, WS-DAN: 1x1 conv+ReLU maps (M=K), avg-pool, signed sqrt, L2",
-                 lambda case, **kw: _build_bap(case, "wsdan", **kw), _always),
-        Provider("bap-bcnn", "baseline", "bilinear attention pooling, B-CNN: 1x1 conv+ReLU maps (M=K), avg-pool",
-                 lambda case, **kw: _build_bap(case, "bcnn", **kw), _always),
+        Provider(
+            "brnpa-triton",
+            "brnpa",
+            "brnpa_triton.brnpa(backend='triton'): fused Triton kernels",
+            lambda case, **kw: _build_library(case, "triton"),
+            _triton_available,
+        ),
+        Provider(
+            "brnpa-torch",
+            "brnpa",
+            "brnpa_triton.brnpa(backend='torch'): vectorised PyTorch, closed-form backward",
+            lambda case, **kw: _build_library(case, "torch"),
+            _always,
+        ),
+        Provider(
+            "eager",
+            "brnpa",
+            "authors'-style batched eager (B,N,C) products per part (bench.providers.brnpa_eager)",
+            _build_eager,
+            _always,
+        ),
+        Provider("compiled", "brnpa", "torch.compile(brnpa_eager), static shapes", _build_compiled, _compile_available),
+        Provider(
+            "reference",
+            "brnpa",
+            "reference.brnpa_reference: per-image, per-part python loop (oracle)",
+            _build_reference,
+            _always,
+        ),
+        Provider(
+            "bap-wsdan",
+            "baseline",
+            "bilinear attention pooling, WS-DAN: 1x1 conv+ReLU maps (M=K), avg-pool, signed sqrt, L2",
+            lambda case, **kw: _build_bap(case, "wsdan", **kw),
+            _always,
+        ),
+        Provider(
+            "bap-bcnn",
+            "baseline",
+            "bilinear attention pooling, B-CNN: 1x1 conv+ReLU maps (M=K), avg-pool",
+            lambda case, **kw: _build_bap(case, "bcnn", **kw),
+            _always,
+        ),
     ]
 }
 

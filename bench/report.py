@@ -66,6 +66,13 @@ def _fmt_ratio(v):
     return "" if v is None else (f"{v:.2f}" if v < 10 else f"{v:.1f}")
 
 
+def _speed_vs(r: dict, primary: str, key: str) -> float | None:
+    """``1 / r[key][primary]``: 1 for the primary itself, None where the ratio was not measured."""
+    if r["provider"] == primary:
+        return 1.0
+    return 1 / r[key][primary] if primary in r.get(key, {}) else None
+
+
 def markdown(result: dict) -> str:
     env = result["env"]
     rows = result["rows"]
@@ -112,8 +119,7 @@ def markdown(result: dict) -> str:
                 continue
             t = r["timing"]
             bw = r["achieved_bytes_per_s"]
-            tv = 1.0 if r["provider"] == primary else (1 / r["time_vs"][primary] if primary in r.get("time_vs", {}) else None)
-            mv = 1.0 if r["provider"] == primary else (1 / r["mem_vs"][primary] if primary in r.get("mem_vs", {}) else None)
+            tv, mv = (_speed_vs(r, primary, key) for key in ("time_vs", "mem_vs"))
             peak = _fmt_bytes(r["peak_bytes"]) if "peak_bytes" in r else ""
             L.append(f"{shape} {_fmt_ms(t['median_ms'])} | {_fmt_ms(t['p20_ms'])}-{_fmt_ms(t['p80_ms'])} | {peak} | "
                      f"{bw / 1e9:.1f} | {100 * bw / copy_bw:.0f} | {_fmt_ratio(tv)} | {_fmt_ratio(mv)} |")
@@ -140,10 +146,15 @@ def markdown(result: dict) -> str:
                      f"{r['provider']} | " + " | ".join(cells) + " |")
         L.append("")
     if result.get("scaling"):
-        L += ["## Scaling: log-log slope of time", "",
-              "Time ~ value^slope with everything else fixed (1.0 = linear; a memory-bound BR-NPA "
-              "should be ~1 in H*W, C and B, and below 1 in K while the K+1 passes do not dominate).", "",
-              "| variable | provider | mode | dtype | fixed | points (value: ms) | slope |", "|---|---|---|---|---|---|---|"]
+        L += [
+            "## Scaling: log-log slope of time",
+            "",
+            "Time ~ value^slope with everything else fixed (1.0 = linear; a memory-bound BR-NPA "
+            "should be ~1 in H*W, C and B, and below 1 in K while the K+1 passes do not dominate).",
+            "",
+            "| variable | provider | mode | dtype | fixed | points (value: ms) | slope |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for f in sorted(result["scaling"], key=lambda f: (f["variable"], f["fixed"]["mode"], f["fixed"]["provider"])):
             fixed = ", ".join(f"{k}={v}" for k, v in f["fixed"].items() if k not in ("provider", "mode", "dtype"))
             pts = ", ".join(f"{v}: {_fmt_ms(t)}" for v, t in f["points"])
@@ -217,7 +228,7 @@ def figure(result: dict):
         return None
     modes = list(data["panels"])
     fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4.4), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    for ax, mode in zip(axes[0], modes, strict=True):
         for prov, pts in data["panels"][mode].items():
             hw = [p[0] for p in pts]
             med = [p[1] for p in pts]

@@ -1,8 +1,8 @@
 """brnpa-triton: fast, faithful BR-NPA (Bilinear Representative Non-Parametric Attention)."""
 
 from brnpa_triton.api import BRNPAOutput, brnpa, brnpa_tokens
-from brnpa_triton.dispatch import available_backends
 from brnpa_triton.baselines import grad_cam_pp, hires_cam, rise, score_cam, xgrad_cam
+from brnpa_triton.dispatch import available_backends
 from brnpa_triton.distill import distillation_loss
 from brnpa_triton.explain import grad_cam, overlay, saliency
 from brnpa_triton.highres import make_high_resolution

@@ -70,11 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             print("usage: python -m brnpa_triton --self-check (takes no other argument)", file=sys.stderr)
             return 2
         return self_check()
-    try:
-        from brnpa_triton.demo import main as demo_main
-    except ImportError as e:  # pragma: no cover - the demo module itself has no extra import at load
-        print(f"the demo needs the 'demo' extra: pip install 'brnpa-triton[demo]' ({e})", file=sys.stderr)
-        return 1
+    from brnpa_triton.demo import main as demo_main  # its optional packages are imported when it runs
+
     try:
         demo_main(argv)
     except ImportError as e:

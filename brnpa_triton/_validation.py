@@ -24,13 +24,14 @@ def check_features(name: str, features, layout: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor of shape ({', '.join(layout)}); got {type(features).__name__}")
     if features.dim() != len(layout):
         raise ValueError(
-            f"{name} must have {len(layout)} dims ({', '.join(layout)}); got {features.dim()} dims, shape {tuple(features.shape)}"
+            f"{name} must have {len(layout)} dims ({', '.join(layout)}); "
+            f"got {features.dim()} dims, shape {tuple(features.shape)}"
         )
     if features.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{name} must be float16, bfloat16, float32 or float64; got {features.dtype}"
         )
-    empty = [f"{d}={s}" for d, s in zip(layout, features.shape) if s == 0]
+    empty = [f"{d}={s}" for d, s in zip(layout, features.shape, strict=True) if s == 0]
     if empty:
         raise ValueError(f"{name} must have no empty dimension; got shape {tuple(features.shape)} ({', '.join(empty)})")
 
@@ -158,8 +159,12 @@ def check_random_source(seeds: str, generator, noise, expected_noise_shape, devi
             raise ValueError(f"generator must be on the features' device ({device}); got {generator.device}")
         return
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
-        raise TypeError(f"noise must be a floating-point torch.Tensor; got {getattr(noise, 'dtype', type(noise).__name__)}")
+        raise TypeError(
+            f"noise must be a floating-point torch.Tensor; got {getattr(noise, 'dtype', type(noise).__name__)}"
+        )
     if tuple(noise.shape) != tuple(expected_noise_shape):
-        raise ValueError(f"noise must have shape {tuple(expected_noise_shape)} (B, K, positions); got {tuple(noise.shape)}")
+        raise ValueError(
+            f"noise must have shape {tuple(expected_noise_shape)} (B, K, positions); got {tuple(noise.shape)}"
+        )
     if not _same_device(noise.device, device):
         raise ValueError(f"noise must be on the features' device ({device}); got {noise.device}")

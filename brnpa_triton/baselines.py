@@ -14,7 +14,7 @@ indices. Every map is float32 (float64 kept), ReLU'd unless ``relu=False``. Call
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,9 @@ def _finish(cam: torch.Tensor, relu: bool) -> torch.Tensor:
     return F.relu(cam) if relu else cam
 
 
-def hires_cam(model: nn.Module, images: torch.Tensor, layer: nn.Module, target=None, *, relu: bool = True) -> torch.Tensor:
+def hires_cam(
+    model: nn.Module, images: torch.Tensor, layer: nn.Module, target=None, *, relu: bool = True
+) -> torch.Tensor:
     """HiResCAM (Draelos & Carin 2020): ``ReLU(sum_c G_c * A_c)``, the gradient times the activation
     per position (no spatial averaging of the gradient). For a head that is linear in A without
     bias, the unrectified map sums to the target logit over positions."""
@@ -48,7 +50,9 @@ def xgrad_cam(
     return _finish((weights * act).sum(dim=1, keepdim=True), relu)
 
 
-def grad_cam_pp(model: nn.Module, images: torch.Tensor, layer: nn.Module, target=None, *, relu: bool = True) -> torch.Tensor:
+def grad_cam_pp(
+    model: nn.Module, images: torch.Tensor, layer: nn.Module, target=None, *, relu: bool = True
+) -> torch.Tensor:
     """Grad-CAM++ (Chattopadhyay et al. 2018), with the usual closed form on first-order gradients:
     ``alpha = G^2 / (2 G^2 + sum_ab A_ab G^3)`` (0 where the denominator is 0),
     ``w_c = sum_ij alpha_ij ReLU(G_ij)``, ``cam = ReLU(sum_c w_c A_c)``."""
@@ -63,7 +67,9 @@ def grad_cam_pp(model: nn.Module, images: torch.Tensor, layer: nn.Module, target
 def _probabilities(model, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     logits = model(images)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != images.shape[0]:
-        raise ValueError(f"model must return (B, classes) logits; got {getattr(logits, 'shape', type(logits).__name__)}")
+        raise ValueError(
+            f"model must return (B, classes) logits; got {getattr(logits, 'shape', type(logits).__name__)}"
+        )
     return torch.softmax(logits.float(), dim=1).gather(1, target.view(-1, 1))[:, 0]
 
 
@@ -82,7 +88,9 @@ def score_cam(
     masks = F.interpolate(act, size=images.shape[2:], mode="bilinear", align_corners=False)
     lo = masks.amin(dim=(2, 3), keepdim=True)
     hi = masks.amax(dim=(2, 3), keepdim=True)
-    masks = torch.where(hi > lo, (masks - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi)), torch.zeros_like(masks))
+    masks = torch.where(
+        hi > lo, (masks - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi)), torch.zeros_like(masks)
+    )
     weights = torch.empty(B * C, dtype=act.dtype, device=act.device)
     for start in range(0, B * C, batch_size):
         flat = torch.arange(start, min(start + batch_size, B * C), device=act.device)
@@ -137,11 +145,15 @@ def rise(
     ``masks`` (N, 1, H, W) may be given; otherwise ``n_masks`` are drawn by :func:`rise_masks`
     from ``generator`` (pass one for reproducible maps). ``relu`` has no effect (S >= 0)."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty (B, C, H, W) tensor; got {getattr(images, 'shape', type(images).__name__)}")
+        raise ValueError(
+            f"images must be a non-empty (B, C, H, W) tensor; got {getattr(images, 'shape', type(images).__name__)}"
+        )
     B, _, H, W = images.shape
     logits = model(images)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != B:
-        raise ValueError(f"model must return (B, classes) logits; got {getattr(logits, 'shape', type(logits).__name__)}")
+        raise ValueError(
+            f"model must return (B, classes) logits; got {getattr(logits, 'shape', type(logits).__name__)}"
+        )
     target = resolve_target(target, logits)
     if masks is None:
         masks = rise_masks(n_masks, (H, W), grid=grid, p=p, generator=generator, device=images.device)
@@ -169,7 +181,9 @@ BASELINES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def explain(method: str, model, images: torch.Tensor, layer: nn.Module | None = None, target=None, **options) -> torch.Tensor:
+def explain(
+    method: str, model, images: torch.Tensor, layer: nn.Module | None = None, target=None, **options
+) -> torch.Tensor:
     """Run the baseline named ``method`` (a key of :data:`BASELINES`)."""
     if method not in BASELINES:
         raise ValueError(f"method must be one of {sorted(BASELINES)}; got {method!r}")

@@ -10,7 +10,6 @@ import os
 
 import torch
 
-
 TRITON_MISSING = (
     "backend='triton' needs the triton package, which is not installed: pip install 'brnpa-triton[triton]' "
     "(CUDA builds of PyTorch already include triton), or use backend='torch'"

@@ -66,7 +66,9 @@ def tempered_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
     s, t = student_logits / temperature, teacher_logits / temperature
     support = t > float("-inf")  # classes the teacher gives a positive probability
     if not bool(support.any(dim=1).all()):
-        raise ValueError("teacher_logits: every row needs at least one finite logit (a row of -inf has no distribution)")
+        raise ValueError(
+            "teacher_logits: every row needs at least one finite logit (a row of -inf has no distribution)"
+        )
     if bool(torch.isnan(s).any() | torch.isnan(t).any() | (s == float("inf")).any() | (t == float("inf")).any()):
         raise ValueError("student_logits and teacher_logits must not contain NaN or +inf")
     ls, lt = F.log_softmax(s, dim=1), F.log_softmax(t, dim=1)

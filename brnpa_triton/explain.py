@@ -10,7 +10,7 @@ import numbers
 import os
 import struct
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -64,7 +64,12 @@ def saliency(out: BRNPAOutput, parts: int | Sequence[int] | str | None = None) -
 
 def _part_index(value, parts) -> int:
     """One part index from a Python, numpy or 0-d tensor integer (never a bool or a float)."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool:
+    if (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 0
+        and not value.is_floating_point()
+        and value.dtype != torch.bool
+    ):
         value = int(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"parts must be None, 'all', an int or a sequence of ints; got {parts!r}")
@@ -126,13 +131,17 @@ def layer_activation_and_gradient(model: nn.Module, images: torch.Tensor, layer:
         return leaf
 
     if not isinstance(images, torch.Tensor) or images.dim() < 2 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty batch (B, ...); got {getattr(images, 'shape', type(images).__name__)}")
+        raise ValueError(
+            f"images must be a non-empty batch (B, ...); got {getattr(images, 'shape', type(images).__name__)}"
+        )
     handle = layer.register_forward_hook(hook)
     try:
         with torch.enable_grad():
             logits = model(images)
             if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != images.shape[0]:
-                raise ValueError(f"model must return (B, classes) logits; got {getattr(logits, 'shape', type(logits).__name__)}")
+                raise ValueError(
+                    f"model must return (B, classes) logits; got {getattr(logits, 'shape', type(logits).__name__)}"
+                )
             if "act" not in store:
                 raise ValueError("layer was not called by the model's forward")
             target = resolve_target(target, logits.detach())
@@ -220,13 +229,16 @@ def _image_to_unit_float(image) -> np.ndarray:
     return img
 
 
-def overlay(image, saliency_map, alpha: float = 0.5, *, normalize: bool = True, table: np.ndarray = VIRIDIS) -> np.ndarray:
+def overlay(
+    image, saliency_map, alpha: float = 0.5, *, normalize: bool = True, table: np.ndarray = VIRIDIS
+) -> np.ndarray:
     """Blend a colour-mapped saliency map over an image: uint8 RGB (H, W, 3).
 
     ``image``: float in [0, 1] or uint8 in 0-255 (divided by 255; a float image outside [0, 1] is
-    rejected), (H, W, 3), (3, H, W), (H, W) or (1, H, W) (grey is replicated), numpy or torch. ``saliency_map``: (h, w) (or with leading singleton dims), any size: it is
-    upsampled bilinearly to (H, W), min-max normalised (unless ``normalize=False``, then clipped
-    to [0, 1]) and coloured. ``out = (1 - alpha) * image + alpha * colour``.
+    rejected), (H, W, 3), (3, H, W), (H, W) or (1, H, W) (grey is replicated), numpy or torch.
+    ``saliency_map``: (h, w) (or with leading singleton dims), any size: it is upsampled
+    bilinearly to (H, W), min-max normalised (unless ``normalize=False``, then clipped to [0, 1])
+    and coloured. ``out = (1 - alpha) * image + alpha * colour``.
     """
     img = _image_to_unit_float(image)
     if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):

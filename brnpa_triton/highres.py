@@ -6,7 +6,7 @@ is a natural initialisation and teacher (see :func:`brnpa_triton.distill.distill
 from __future__ import annotations
 
 import copy as _copy
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -26,10 +26,11 @@ def make_high_resolution(
     """Set the stride of the given ResNet stages to 1 and return the model.
 
     ``stages`` are child names (``"layer4"``) or stage numbers (``4`` -> ``"layer4"``), as in
-    torchvision's ResNet, or a single one of them. In each stage, the first block is the only strided one: the stride of its
-    strided convolution (``conv1`` of a BasicBlock, ``conv2`` of a torchvision Bottleneck) and of
-    its downsample convolution becomes 1; a strided ``nn.AvgPool2d`` / ``nn.MaxPool2d`` in that
-    block (ResNet-D style ``downsample = AvgPool2d(2) + conv``) is replaced by ``nn.Identity``.
+    torchvision's ResNet, or a single one of them. In each stage, the first block is the only
+    strided one: the stride of its strided convolution (``conv1`` of a BasicBlock, ``conv2`` of a
+    torchvision Bottleneck) and of its downsample convolution becomes 1; a strided
+    ``nn.AvgPool2d`` / ``nn.MaxPool2d`` in that block (ResNet-D style
+    ``downsample = AvgPool2d(2) + conv``) is replaced by ``nn.Identity``.
     No dilation is added (the paper only removes the stride), so the receptive field shrinks.
     The model is changed in place unless ``copy=True``, which changes and returns a deep copy.
     Raises if a stage is missing or has no stride to remove.

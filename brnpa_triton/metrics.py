@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 __all__ = [
     "sparsity",
@@ -35,13 +37,19 @@ def sparsity(maps: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     about 1/N, a uniform one about 1). Quantus's ``Sparseness`` runs the other way: it is the Gini
     index of the attribution, where higher = sparser. Do not compare the two without flipping one.
     """
-    if maps.dim() < 3 or norms.dim() != maps.dim() - 1 or maps.shape[0] != norms.shape[0] or maps.shape[2:] != norms.shape[1:]:
+    if (
+        maps.dim() < 3
+        or norms.dim() != maps.dim() - 1
+        or maps.shape[0] != norms.shape[0]
+        or maps.shape[2:] != norms.shape[1:]
+    ):
         raise ValueError(
-            f"maps must be (B, K, *positions) and norms (B, *positions); got {tuple(maps.shape)} and {tuple(norms.shape)}"
+            "maps must be (B, K, *positions) and norms (B, *positions); "
+            f"got {tuple(maps.shape)} and {tuple(norms.shape)}"
         )
     dtype = torch.promote_types(maps.dtype, torch.float32)
-    m = maps.detach().to(dtype).flatten(2)  # (B, K, N)
-    n = norms.detach().to(dtype).flatten(1)  # (B, N)
+    m = rearrange(maps.detach().to(dtype), "b k ... -> b k (...)")
+    n = rearrange(norms.detach().to(dtype), "b ... -> b (...)")
     n_max = n.amax(dim=1, keepdim=True)
     n = torch.where(n_max > 0, n / torch.where(n_max > 0, n_max, torch.ones_like(n_max)), torch.zeros_like(n))
     m = m * n[:, None, :]
@@ -72,7 +80,12 @@ class DeletionInsertion(NamedTuple):
 
 def _as_int(name: str, value, minimum: int) -> int:
     """An int from a Python, numpy or 0-d integer tensor value, else a clear error."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool:
+    if (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 0
+        and not value.is_floating_point()
+        and value.dtype != torch.bool
+    ):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
@@ -200,7 +213,9 @@ def _check_logits(out, n: int) -> torch.Tensor:
         raise TypeError(f"model must return a logits tensor (n, classes); got {type(out).__name__} "
                         "(wrap a model that returns a tuple, e.g. lambda x: model(x)[0])")
     if out.dim() != 2 or out.shape[0] != n:
-        raise ValueError(f"model must return logits of shape ({n}, classes) for {n} images; got shape {tuple(out.shape)}")
+        raise ValueError(
+            f"model must return logits of shape ({n}, classes) for {n} images; got shape {tuple(out.shape)}"
+        )
     return out
 
 
@@ -208,7 +223,9 @@ def _check_logits(out, n: int) -> torch.Tensor:
 def _scores(model, images: torch.Tensor, target: torch.Tensor, softmax: bool) -> torch.Tensor:
     logits = _check_logits(model(images), len(images)).float()
     if bool((target >= logits.shape[1]).any()):
-        raise ValueError(f"target must be class indices below the model's {logits.shape[1]} classes; got {target.tolist()}")
+        raise ValueError(
+            f"target must be class indices below the model's {logits.shape[1]} classes; got {target.tolist()}"
+        )
     if softmax:
         logits = torch.softmax(logits, dim=1)
     return logits.gather(1, target.view(-1, 1))[:, 0]
@@ -311,14 +328,15 @@ def deletion_insertion(
         n_units = H * W
         cell_of_pixel = None
         step = W if step is None else _as_int("step", step, 1)
+    units = rearrange(sal, "b h w -> b (h w)")  # (B, U), row-major
     if protocol == "authors":
-        rank = _authors_order(sal.flatten(1), step)
+        rank = _authors_order(units, step)
     else:
-        order = torch.sort(sal.flatten(1), dim=1, descending=True, stable=True).indices  # (B, U)
+        order = torch.sort(units, dim=1, descending=True, stable=True).indices  # (B, U)
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(n_units, device=device).expand(B, -1))
     if cell_of_pixel is None:
-        pixel_rank = rank.view(B, H, W)
+        pixel_rank = rearrange(rank, "b (h w) -> b h w", h=H)
     else:
         # pixels of no cell get a rank that is never reached (never changed)
         padded = torch.cat([rank, torch.full((B, 1), n_units, dtype=rank.dtype, device=device)], dim=1)
@@ -331,15 +349,21 @@ def deletion_insertion(
     fractions = changed.double() / n_units
 
     if target is None:
-        target = torch.cat([_check_logits(model(images[i : i + batch_size]), len(images[i : i + batch_size])).argmax(dim=1)
-                            for i in range(0, B, batch_size)])
+        target = torch.cat(
+            [
+                _check_logits(model(images[i : i + batch_size]), len(images[i : i + batch_size])).argmax(dim=1)
+                for i in range(0, B, batch_size)
+            ]
+        )
     target = torch.as_tensor(target, device=device)
     if target.is_floating_point() or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer class indices; got dtype {target.dtype}")
     if target.dim() == 0:
         target = target.expand(B)
     if target.dim() != 1 or target.shape[0] != B:
-        raise ValueError(f"target must be (B,) = ({B},) class indices (or one index for all); got shape {tuple(target.shape)}")
+        raise ValueError(
+            f"target must be (B,) = ({B},) class indices (or one index for all); got shape {tuple(target.shape)}"
+        )
     target = target.long()
     if bool((target < 0).any()):
         raise ValueError(f"target must be class indices >= 0; got {target.tolist()}")

@@ -3,8 +3,8 @@
 ``BRNPAPool`` has no parameters: it wraps :func:`brnpa_triton.brnpa` (feature maps (B, C, H, W))
 and :func:`brnpa_triton.brnpa_tokens` (tokens (B, N, C)), chosen by the input's number of dims.
 ``BRNPAHead`` is the paper's model on top of any backbone: BR-NPA pooling, dropout, and a Linear
-layer over the K*C vector ``out.vectors.flatten(1)`` (part-major). ``BRNPAClassifier`` joins a
-backbone and that head. ``BilinearAttentionPooling`` is the parametric baseline (B-CNN / WS-DAN
+layer over the K*C vector of the parts' vectors laid end to end (part-major). ``BRNPAClassifier``
+joins a backbone and that head. ``BilinearAttentionPooling`` is the parametric baseline (B-CNN / WS-DAN
 bilinear attention pooling) the paper compares with.
 """
 
@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from brnpa_triton import _validation as check
@@ -152,7 +153,7 @@ class BRNPAHead(nn.Module):
                 f"({channels} channels)"
             )
         out = self.pool(features, generator=generator, noise=noise)
-        logits = self.fc(self.dropout(out.vectors.flatten(1)))
+        logits = self.fc(self.dropout(rearrange(out.vectors, "b k c -> b (k c)")))
         return (logits, out) if return_output else logits
 
 
@@ -164,7 +165,9 @@ class BRNPAClassifier(nn.Module):
     :class:`BRNPAOutput` (maps, norms, ...) for :func:`brnpa_triton.explain.saliency`.
     """
 
-    def __init__(self, backbone: nn.Module, in_channels: int, num_classes: int, num_parts: int = 3, **head_kwargs) -> None:
+    def __init__(
+        self, backbone: nn.Module, in_channels: int, num_classes: int, num_parts: int = 3, **head_kwargs
+    ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be a torch.nn.Module; got {type(backbone).__name__}")
@@ -237,7 +240,9 @@ class BilinearAttentionPooling(nn.Module):
             self.attention = attention
         elif variant == "authors":
             self.attention = nn.Sequential(
-                self.ResidualBlock(in_channels), nn.Conv2d(in_channels, num_maps + 1, kernel_size=1, bias=False), nn.ReLU()
+                self.ResidualBlock(in_channels),
+                nn.Conv2d(in_channels, num_maps + 1, kernel_size=1, bias=False),
+                nn.ReLU(),
             )
         else:
             self.attention = nn.Sequential(nn.Conv2d(in_channels, num_maps, kernel_size=1), nn.ReLU())
@@ -246,12 +251,14 @@ class BilinearAttentionPooling(nn.Module):
         if features.dim() == 4:
             return self.attention(features)[:, : self.num_maps]
         if self.variant == "authors":
-            raise ValueError("variant='authors' needs feature maps (B, C, H, W), not tokens (its 3x3 convs need a grid)")
+            raise ValueError(
+                "variant='authors' needs feature maps (B, C, H, W), not tokens (its 3x3 convs need a grid)"
+            )
         conv = self.attention[0] if isinstance(self.attention, nn.Sequential) else None
         if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1):
             raise ValueError("token inputs (B, N, C) need the default 1x1-conv attention")
-        weight = conv.weight.flatten(1)  # (M, C)
-        return F.relu(F.linear(features, weight, conv.bias)).transpose(1, 2)  # (B, M, N)
+        weight = rearrange(conv.weight, "m c 1 1 -> m c")
+        return rearrange(F.relu(F.linear(features, weight, conv.bias)), "b n m -> b m n")
 
     def forward(self, features: torch.Tensor) -> BilinearAttentionOutput:
         if features.dim() not in (3, 4):
@@ -259,11 +266,13 @@ class BilinearAttentionPooling(nn.Module):
                 f"features must be (B, C, H, W) feature maps or (B, N, C) tokens; got shape {tuple(features.shape)}"
             )
         maps = self._maps(features)
-        x = features.flatten(2) if features.dim() == 4 else features.transpose(1, 2)  # (B, C, N)
-        a = maps.flatten(2)  # (B, M, N)
+        if features.dim() == 4:
+            x, a = rearrange(features, "b c h w -> b c (h w)"), rearrange(maps, "b m h w -> b m (h w)")
+        else:
+            x, a = rearrange(features, "b n c -> b c n"), maps
         vectors = torch.einsum("bmn,bcn->bmc", a, x) / x.shape[2]
         if self.wsdan_normalize:
-            flat = vectors.flatten(1)
+            flat = rearrange(vectors, "b m c -> b (m c)")
             flat = torch.sign(flat) * torch.sqrt(flat.abs() + 1e-12)
             vectors = F.normalize(flat, dim=1).view_as(vectors)
         return BilinearAttentionOutput(vectors, maps)

@@ -12,6 +12,7 @@ apply (see the README, "Semantics"):
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 EPS = 1e-5
 # A part is degenerate when |S_k| <= DEGENERATE_SUM_RATIO * sum_n |sim_kn|: its map would be
@@ -33,7 +34,9 @@ def _safe_norm(x: torch.Tensor) -> torch.Tensor:
     nonzero = scale > 0
     unit = x / torch.where(nonzero, scale, torch.ones_like(scale))
     squared = (unit * unit).sum(-1, keepdim=True)
-    return torch.where(nonzero, scale * torch.sqrt(torch.where(nonzero, squared, torch.ones_like(squared))), 0.0).squeeze(-1)
+    return torch.where(
+        nonzero, scale * torch.sqrt(torch.where(nonzero, squared, torch.ones_like(squared))), 0.0
+    ).squeeze(-1)
 
 
 def _dots(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -60,7 +63,7 @@ def brnpa_reference(
     K = num_parts
     all_vectors, all_maps, all_indices, all_norms = [], [], [], []
     for b in range(B):
-        x = features[b].reshape(C, N).t()  # x[n] is the feature at position n = h*W + w
+        x = rearrange(features[b], "c h w -> (h w) c")  # x[n] is the feature at position n = h*W + w
         feature_norm = _safe_norm(x)  # ||x_n||
         rho = feature_norm + EPS  # rho_n
         score = rho.detach().clone()  # s_n: selection only, carries no gradient
@@ -83,9 +86,9 @@ def brnpa_reference(
             maps.append(a)
             indices.append(i_k)
         all_vectors.append(torch.stack(vectors))
-        all_maps.append(torch.stack(maps).reshape(K, H, W))
+        all_maps.append(rearrange(torch.stack(maps), "k (h w) -> k h w", h=H))
         all_indices.append(torch.tensor(indices, dtype=torch.int64, device=features.device))
-        all_norms.append(feature_norm.reshape(H, W))
+        all_norms.append(rearrange(feature_norm, "(h w) -> h w", h=H))
     vectors = torch.stack(all_vectors)
     maps = torch.stack(all_maps)
     indices = torch.stack(all_indices)

@@ -47,9 +47,9 @@ def duplicate_groups(features: torch.Tensor) -> torch.Tensor:
 
 
 def in_layout(features: torch.Tensor, layout: str):
-    """Return (api_input, call) where call(**kw) runs bt on that layout and returns BCHW-shaped output.
-
-    The same values are presented through a different memory layout; nothing else changes.
+    """``features`` (B, C, H, W) presented in ``layout``: "nchw", "channels_last", "strided" (every
+    other column of a NaN-filled buffer) or "tokens" ((B, N, C)). The values are the same; only the
+    memory layout (or, for tokens, the shape) changes. :func:`run_layout` runs bt on the result.
     """
     B, C, H, W = features.shape
     if layout == "nchw":

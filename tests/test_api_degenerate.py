@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import brnpa_triton as bt
-from reference import DEGENERATE_SUM_RATIO, EPS, brnpa_reference
 from brnpa_triton.ops import common as constants
+from reference import DEGENERATE_SUM_RATIO, EPS, brnpa_reference
 from tests.helpers import assert_close, random_features, reference
 
 

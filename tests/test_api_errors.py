@@ -13,23 +13,59 @@ F = torch.rand(2, 3, 4, 4)
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda: bt.brnpa(torch.rand(3, 4, 4)), ValueError, r"features must have 4 dims \(B, C, H, W\); got 3 dims, shape \(3, 4, 4\)"),
+        (
+            lambda: bt.brnpa(torch.rand(3, 4, 4)),
+            ValueError,
+            r"features must have 4 dims \(B, C, H, W\); got 3 dims, shape \(3, 4, 4\)",
+        ),
         (lambda: bt.brnpa_tokens(F), ValueError, r"tokens must have 3 dims \(B, N, C\); got 4 dims"),
         (lambda: bt.brnpa([[1.0]]), TypeError, r"features must be a torch.Tensor .* got list"),
-        (lambda: bt.brnpa(torch.ones(2, 3, 4, 4, dtype=torch.int64)), TypeError, r"features must be float16, bfloat16, float32 or float64; got torch.int64"),
-        (lambda: bt.brnpa(torch.rand(2, 0, 4, 4)), ValueError, r"features must have no empty dimension; got shape \(2, 0, 4, 4\) \(C=0\)"),
+        (
+            lambda: bt.brnpa(torch.ones(2, 3, 4, 4, dtype=torch.int64)),
+            TypeError,
+            r"features must be float16, bfloat16, float32 or float64; got torch.int64",
+        ),
+        (
+            lambda: bt.brnpa(torch.rand(2, 0, 4, 4)),
+            ValueError,
+            r"features must have no empty dimension; got shape \(2, 0, 4, 4\) \(C=0\)",
+        ),
         (lambda: bt.brnpa(torch.rand(0, 3, 4, 4)), ValueError, r"\(B=0\)"),
         (lambda: bt.brnpa(F, 0), ValueError, r"num_parts must be between 1 and the number of positions \(16\); got 0"),
-        (lambda: bt.brnpa(F, 17), ValueError, r"num_parts must be between 1 and the number of positions \(16\); got 17"),
+        (
+            lambda: bt.brnpa(F, 17),
+            ValueError,
+            r"num_parts must be between 1 and the number of positions \(16\); got 17",
+        ),
         (lambda: bt.brnpa(F, 2.0), TypeError, r"num_parts must be an int; got float"),
         (lambda: bt.brnpa(F, seeds="uniform"), ValueError, r"seeds must be one of 'norm', 'random'; got 'uniform'"),
         (lambda: bt.brnpa(F, order="norm"), ValueError, r"order must be one of 'selection', 'activity'; got 'norm'"),
-        (lambda: bt.brnpa(F, backend="cuda"), ValueError, r"backend must be one of 'auto', 'torch', 'triton'; got 'cuda'"),
+        (
+            lambda: bt.brnpa(F, backend="cuda"),
+            ValueError,
+            r"backend must be one of 'auto', 'torch', 'triton'; got 'cuda'",
+        ),
         (lambda: bt.brnpa(F, seeds="random"), ValueError, r"seeds='random' needs exactly one source of randomness"),
-        (lambda: bt.brnpa(F, generator=torch.Generator()), ValueError, r"generator and noise are only used with seeds='random'"),
-        (lambda: bt.brnpa(F, 3, seeds="random", noise=torch.rand(2, 3, 16)), ValueError, r"noise must have shape \(2, 3, 4, 4\) \(B, K, positions\); got \(2, 3, 16\)"),
-        (lambda: bt.brnpa(F, 3, seeds="random", noise=torch.ones(2, 3, 4, 4, dtype=torch.int64)), TypeError, r"noise must be a floating-point torch.Tensor; got torch.int64"),
-        (lambda: bt.brnpa(F, 3, seeds="random", generator=object()), TypeError, r"generator must be a torch.Generator; got object"),
+        (
+            lambda: bt.brnpa(F, generator=torch.Generator()),
+            ValueError,
+            r"generator and noise are only used with seeds='random'",
+        ),
+        (
+            lambda: bt.brnpa(F, 3, seeds="random", noise=torch.rand(2, 3, 16)),
+            ValueError,
+            r"noise must have shape \(2, 3, 4, 4\) \(B, K, positions\); got \(2, 3, 16\)",
+        ),
+        (
+            lambda: bt.brnpa(F, 3, seeds="random", noise=torch.ones(2, 3, 4, 4, dtype=torch.int64)),
+            TypeError,
+            r"noise must be a floating-point torch.Tensor; got torch.int64",
+        ),
+        (
+            lambda: bt.brnpa(F, 3, seeds="random", generator=object()),
+            TypeError,
+            r"generator must be a torch.Generator; got object",
+        ),
     ],
 )
 def test_bad_input_raises_clear_error(call, error, message):

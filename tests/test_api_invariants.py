@@ -72,7 +72,7 @@ def test_spatial_permutation_equivariance(case, perm_seed):
 def test_bitwise_deterministic(case):
     f, K = case
     a, b = bt.brnpa(f.float(), K), bt.brnpa(f.float(), K)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
     x = f.clone().requires_grad_()
     grads = [torch.autograd.grad(bt.brnpa(x, K).vectors.sum(), x)[0] for _ in range(2)]

@@ -30,7 +30,7 @@ def _assert_identical_where_duplicated(values: torch.Tensor, groups: torch.Tenso
 def test_duplicated_columns_tie_to_the_lowest_position_in_every_layout(dtype, backend):
     for seed, (B, C, H, W) in enumerate([(2, 33, 4, 17), (1, 7, 5, 5), (2, 70, 3, 9), (1, 1, 4, 6)]):
         f = random_features(B, C, H, W, seed=seed, dtype=dtype, duplicate_columns=H * W // 2)
-        # Whole rows repeated too (the example): position h*W + w copies w.
+        # Whole rows repeated too: position h*W + w copies w.
         f[:, :, 1:] = f[:, :, :1]
         groups = duplicate_groups(f)
         K = 3
@@ -66,7 +66,7 @@ def test_large_finite_inputs_give_finite_outputs_and_gradients(dtype, backend, s
     for layout in LAYOUTS:
         x = in_layout(f, layout).requires_grad_()
         out = run_layout(x, layout, 3, 3, 2, check_finite=True, backend=backend)
-        for name, t in zip(out._fields, out):
+        for name, t in zip(out._fields, out, strict=True):
             assert torch.isfinite(t).all(), f"{layout}: {name} is not finite"
         assert torch.equal(out.indices, expected.indices)
         torch.testing.assert_close(out.maps.double(), expected.maps, rtol=rtol, atol=rtol)
@@ -86,7 +86,7 @@ def test_values_near_the_largest_finite_value(dtype, backend):
     f[:, 1:] *= big * 1e-3
     x = f.to(dtype)
     out = bt.brnpa(x, 3, check_finite=True, backend=backend)
-    for name, t in zip(out._fields, out):
+    for name, t in zip(out._fields, out, strict=True):
         assert torch.isfinite(t).all(), f"{name} is not finite"
     torch.testing.assert_close(out.maps.sum((2, 3)), torch.ones(1, 3, dtype=dtype), rtol=1e-2, atol=1e-2)
 

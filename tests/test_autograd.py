@@ -22,7 +22,9 @@ def test_gradcheck(layout, refine, kind):
     if layout == "channels_last":
         f = f.contiguous(memory_format=torch.channels_last)
     f.requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: _differentiable_outputs(bt.brnpa(x, 3, refine=refine, backend="torch")), (f,))
+    assert torch.autograd.gradcheck(
+        lambda x: _differentiable_outputs(bt.brnpa(x, 3, refine=refine, backend="torch")), (f,)
+    )
 
 
 def test_gradcheck_tokens_random_seeds_activity_order():
@@ -49,7 +51,7 @@ def test_torch_func_vmap_matches_a_loop():
     batched = torch.func.vmap(lambda x: bt.brnpa(x, 2))(stack)
     for i in range(3):
         single = bt.brnpa(stack[i], 2)
-        for a, b in zip(batched, single):
+        for a, b in zip(batched, single, strict=True):
             torch.testing.assert_close(a[i], b)
     grads = torch.func.vmap(torch.func.grad(_loss))(stack)
     for i in range(3):
@@ -93,7 +95,7 @@ def test_compiled_training_step_has_no_graph_break():
     compiled_loss = torch.compile(loss_fn, fullgraph=True)(images, labels)
     compiled_loss.backward()
     torch.testing.assert_close(compiled_loss, eager_loss)
-    for p, g in zip(params, eager_grads):
+    for p, g in zip(params, eager_grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
@@ -171,7 +173,9 @@ def test_random_seeds_under_compile_noise_traces_and_generator_explains_itself()
     # generator= : one error naming the option and the way out...
     g = torch.Generator()
     for call in (lambda x: bt.brnpa(x, 2, seeds="random", generator=g).indices, lambda x: pool(x).indices):
-        with pytest.raises(Exception, match=r"seeds='random' with generator=\.\.\. cannot be traced .*pass noise=noise"):
+        with pytest.raises(
+            Exception, match=r"seeds='random' with generator=\.\.\. cannot be traced .*pass noise=noise"
+        ):
             torch.compile(call, fullgraph=True)(f)
     # ... and without fullgraph the draw runs eagerly, from the generator as in eager mode.
     g.manual_seed(1)

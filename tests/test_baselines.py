@@ -8,7 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from brnpa_triton.baselines import (
-    BASELINES, explain, grad_cam, grad_cam_pp, hires_cam, rise, rise_masks, score_cam, xgrad_cam,
+    BASELINES,
+    explain,
+    grad_cam,
+    grad_cam_pp,
+    hires_cam,
+    rise,
+    rise_masks,
+    score_cam,
+    xgrad_cam,
 )
 
 
@@ -25,7 +33,9 @@ def conv_head_model(seed=0):
     1x1 conv -> ReLU -> average pooling -> linear."""
     torch.manual_seed(seed)
     body = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.ReLU())
-    head = nn.Sequential(nn.Conv2d(5, 6, 1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3, bias=False))
+    head = nn.Sequential(
+        nn.Conv2d(5, 6, 1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3, bias=False)
+    )
     return nn.Sequential(body, head).double().eval(), body
 
 
@@ -137,7 +147,9 @@ def test_gradcam_length_one_target_for_two_images_is_broadcast():
     x = images(B=2)
     one = grad_cam(model, x, body, target=torch.tensor([1]), relu=False)
     for b in range(2):
-        torch.testing.assert_close(one[b : b + 1], grad_cam(model, x[b : b + 1], body, target=torch.tensor([1]), relu=False))
+        torch.testing.assert_close(
+            one[b : b + 1], grad_cam(model, x[b : b + 1], body, target=torch.tensor([1]), relu=False)
+        )
     assert one[1].abs().sum() > 0
 
 

@@ -36,7 +36,7 @@ def test_provider_matches_reference(name):
     x = CASE.make_input(seed=3)
     ref, gref = _outputs_and_grad("reference", CASE, x)
     out, gx = _outputs_and_grad(name, CASE, x)
-    for got, want, what in zip(out, ref, ("vectors", "maps", "indices", "norms")):
+    for got, want, what in zip(out, ref, ("vectors", "maps", "indices", "norms"), strict=True):
         assert got.shape == want.shape, what
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9, msg=f"{name}: {what}")
     torch.testing.assert_close(gx, gref, rtol=1e-6, atol=1e-9, msg=f"{name}: grad")

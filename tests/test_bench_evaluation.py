@@ -23,7 +23,9 @@ def test_loop_equals_authors_protocol_on_uneven_sizes():
 
 
 def test_cli_writes_to_out(tmp_path):
-    res = main(["--images", "1", "--loop-images", "1", "--repeats", "1", "--size", "32", "--grid", "2", "--out", str(tmp_path)])
+    res = main(
+        ["--images", "1", "--loop-images", "1", "--repeats", "1", "--size", "32", "--grid", "2", "--out", str(tmp_path)]
+    )
     saved = json.loads((tmp_path / "evaluation-cpu.json").read_text())
     assert saved["shape"]["steps_per_metric"] == 4 and saved["speedup"]["median"] == res["speedup"]["median"] > 0
     assert saved["max_abs_curve_difference_loop_vs_authors_protocol"] < 1e-5

@@ -115,7 +115,11 @@ def test_loops_map_to_marked_for_lines_and_count_barriers_and_x_loads(synthetic)
     # Only line 12 reads X (xb derives from x_ptr); line 15 reads the workspace.
     assert outer["x_load_sites"] == ["kern.py:12"]
     assert outer["x_tile_load_widths"] == {"128": 1}
-    assert outer["global_loads"] == {"helper.py:3 <- kern.py:15": {"16": 1}, "kern.py:12": {"128": 1}, "kern.py:15": {"64": 1}}
+    assert outer["global_loads"] == {
+        "helper.py:3 <- kern.py:15": {"16": 1},
+        "kern.py:12": {"128": 1},
+        "kern.py:15": {"64": 1},
+    }
 
 
 def test_loop_maps_to_innermost_for_when_the_branch_line_is_in_its_body(tmp_path, synthetic):
@@ -223,10 +227,12 @@ def test_every_launch_compiles(compiled):
 
 def test_no_register_spills_on_any_target(compiled):
     results = compiled[1]
-    bad = [f"sm_{r['job']['cc']} {bk.request_label(r['job']['request'])} launch {r['job']['launch']}: "
-           f"REG={r.get('registers')} LOCAL={r.get('local_bytes')} STACK={r.get('stack_bytes')}"
-           for r in results.values()
-           if "error" not in r and (r.get("registers") is None or r.get("local_bytes") != 0 or r.get("stack_bytes") != 0)]
+    bad = [
+        f"sm_{r['job']['cc']} {bk.request_label(r['job']['request'])} launch {r['job']['launch']}: "
+        f"REG={r.get('registers')} LOCAL={r.get('local_bytes')} STACK={r.get('stack_bytes')}"
+        for r in results.values()
+        if "error" not in r and (r.get("registers") is None or r.get("local_bytes") != 0 or r.get("stack_bytes") != 0)
+    ]
     assert not bad, "register spills (or unparsed cuobjdump output):\n" + "\n".join(bad)
 
 
@@ -234,14 +240,16 @@ def test_every_benchmark_plan_has_a_loop_that_streams_x(compiled):
     """The SASS loops map back to the source loops that stream X (else the structure tests
     below would pass for want of loops)."""
     per_plan = {}
-    for r, row, res in _bench_launches(*compiled):
+    for r, _row, res in _bench_launches(*compiled):
         n = sum(lp["streams_x"] for lp in res.get("loops", []))
         per_plan[bk.request_label(r)] = per_plan.get(bk.request_label(r), 0) + n
     assert per_plan and all(per_plan.values()), per_plan
     for r, row, res in _bench_launches(*compiled):
         for lp in res.get("loops", []):
             if lp["streams_x"]:
-                assert lp["x_tile_load_widths"], f"{bk.request_label(r)} {row['name']}: no load of X found in loop {lp['source']}"
+                assert lp["x_tile_load_widths"], (
+                    f"{bk.request_label(r)} {row['name']}: no load of X found in loop {lp['source']}"
+                )
 
 
 def test_report_says_it_is_a_static_proxy(compiled):
@@ -297,7 +305,9 @@ def test_x_loads_are_as_wide_as_row_alignment_allows(compiled):
 @NEEDS_PLANS
 def test_at_least_two_programs_per_sm_on_h100(compiled):
     sms = bk.CARDS["H100"].sm_count
-    bad = [f"{bk.request_label(r)} {row['name']}: grid {row['grid']} = {math.prod(row['grid']) / sms:.2f} programs per SM"
-           for r, row, res in _bench_launches(*compiled)
-           if any(lp["streams_x"] for lp in res.get("loops", [])) and math.prod(row["grid"]) < 2 * sms]
+    bad = [
+        f"{bk.request_label(r)} {row['name']}: grid {row['grid']} = {math.prod(row['grid']) / sms:.2f} programs per SM"
+        for r, row, res in _bench_launches(*compiled)
+        if any(lp["streams_x"] for lp in res.get("loops", [])) and math.prod(row["grid"]) < 2 * sms
+    ]
     assert not bad, "\n".join(bad)

@@ -29,7 +29,7 @@ def make_data():
 
 def train(model, xs, ys):
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -56,7 +56,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
 def test_ddp_two_processes_match_single_process(tmp_path):
     path = os.fspath(tmp_path / "state")
     mp.spawn(_worker, args=(_free_port(), path), nprocs=WORLD, join=True)

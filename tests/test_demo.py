@@ -44,8 +44,15 @@ def test_demo_smoke_and_reproducible(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     again = run_demo(tiny(tmp_path / "b", overlays=0, seeds=(1,)), verbose=False)  # seed 1 again, no figure
     assert not os.path.exists(tmp_path / "b" / "overlays.png")
-    for a, b in zip(res["per_seed"][1:], again["per_seed"]):
-        for key in ("test_accuracy", "pointing_quantus", "pointing_strict", "sparsity_brnpa", "deletion_auc", "insertion_auc"):
+    for a, b in zip(res["per_seed"][1:], again["per_seed"], strict=True):
+        for key in (
+            "test_accuracy",
+            "pointing_quantus",
+            "pointing_strict",
+            "sparsity_brnpa",
+            "deletion_auc",
+            "insertion_auc",
+        ):
             assert a[key] == b[key]
         assert a["train_log"]["epoch_loss"] == b["train_log"]["epoch_loss"]
 

@@ -79,7 +79,9 @@ def test_copy_and_errors():
 
 
 def test_torchvision_resnet():
-    tv = pytest.importorskip("torchvision", reason="torchvision is not installed (optional; needs a matching torch build)")
+    tv = pytest.importorskip(
+        "torchvision", reason="torchvision is not installed (optional; needs a matching torch build)"
+    )
     model = tv.models.resnet18(weights=None).eval()
     x = torch.randn(1, 3, 64, 64)
     body = nn.Sequential(*list(model.children())[:-2])

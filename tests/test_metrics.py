@@ -121,7 +121,7 @@ def test_sparsity_hand_computed():
     e = 1e-5
     part0 = [0.5 / (0.5 + e), 0.25 / (0.5 + e), 0.0, 0.0]
     part1 = [0.25 / (0.25 + e), 0.125 / (0.25 + e), 0.125 / (0.25 + e), 0.0]
-    expected = sum((a + b) / 2 for a, b in zip(part0, part1)) / 4
+    expected = sum((a + b) / 2 for a, b in zip(part0, part1, strict=True)) / 4
     torch.testing.assert_close(sparsity(maps, norms), torch.tensor([expected]))
     # one-hot is as sparse as it gets, uniform as dense
     N = 16
@@ -178,7 +178,9 @@ def test_authors_protocol_hand_computed():
     assert float(r.deletion_auc[0]) == pytest.approx((0.578125 / 2 + 0.5625 + 0.5625 + 0.5 / 2) / 3)
     assert float(r.insertion_auc[0]) == pytest.approx((0.53125 / 2 + 0.546875 + 0.546875 + 0.609375 / 2) / 3)
     # step 3 does not divide 4 cells: left = 1, -2 -> deletion x = 0, 1; insertion x = 1 - left / 1 = 0, 3
-    r3 = deletion_insertion(MeanModel(), IMAGE, SAL, protocol="authors", step=3, insertion_start=torch.zeros_like(IMAGE))
+    r3 = deletion_insertion(
+        MeanModel(), IMAGE, SAL, protocol="authors", step=3, insertion_start=torch.zeros_like(IMAGE)
+    )
     torch.testing.assert_close(r3.deletion_x, torch.tensor([0.0, 1.0]))
     torch.testing.assert_close(r3.insertion_x, torch.tensor([0.0, 3.0]))
     torch.testing.assert_close(r3.deletion[0], torch.tensor([0.5625, 0.5]))

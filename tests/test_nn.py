@@ -15,7 +15,7 @@ def test_pool_matches_functional_maps_and_tokens():
     x = feats()
     out = BRNPAPool(3)(x)
     ref = bt.brnpa(x, 3)
-    for a, b in zip(out, ref):
+    for a, b in zip(out, ref, strict=True):
         torch.testing.assert_close(a, b)
     tokens = x.flatten(2).transpose(1, 2)
     out_t = BRNPAPool(2, refine=False)(tokens)

@@ -38,7 +38,9 @@ def _features(p, dtype=torch.float64):
 def test_forward_matches_reference_float64(p):
     f = _features(p)
     expected = reference(f, p["K"], refine=p["refine"])
-    out = run_layout(in_layout(f, p["layout"]), p["layout"], p["H"], p["W"], p["K"], refine=p["refine"], backend="torch")
+    out = run_layout(
+        in_layout(f, p["layout"]), p["layout"], p["H"], p["W"], p["K"], refine=p["refine"], backend="torch"
+    )
     assert torch.equal(out.indices, expected.indices)
     for name in ("vectors", "maps", "activity", "norms"):
         assert_close(getattr(out, name), getattr(expected, name), torch.float64, name)
@@ -51,7 +53,9 @@ def test_forward_low_precision_matches_reference(dtype, p):
     """Low-precision inputs: compare with the reference on the same (rounded) values in float64."""
     f = _features(p, dtype)
     expected = reference(f.double(), p["K"], refine=p["refine"])
-    out = run_layout(in_layout(f, p["layout"]), p["layout"], p["H"], p["W"], p["K"], refine=p["refine"], backend="torch")
+    out = run_layout(
+        in_layout(f, p["layout"]), p["layout"], p["H"], p["W"], p["K"], refine=p["refine"], backend="torch"
+    )
     assert out.vectors.dtype == out.maps.dtype == out.norms.dtype == out.activity.dtype == dtype
     # A near-tie of the selection score can flip a seed at this precision (e.g. C = 1, where
     # every positive position is similar to every other): such draws say nothing; discard them.
@@ -66,13 +70,16 @@ def test_gradients_match_reference_autograd(p):
     g = torch.Generator().manual_seed(p["seed"] + 1)
     expected_f = f.clone().requires_grad_()
     expected = reference(expected_f, p["K"], refine=p["refine"])
-    grads = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (expected.vectors, expected.maps, expected.norms)]
-    loss = sum((t * w).sum() for t, w in zip((expected.vectors, expected.maps, expected.norms), grads))
+    grads = [
+        torch.randn(t.shape, generator=g, dtype=torch.float64)
+        for t in (expected.vectors, expected.maps, expected.norms)
+    ]
+    loss = sum((t * w).sum() for t, w in zip((expected.vectors, expected.maps, expected.norms), grads, strict=True))
     (expected_grad,) = torch.autograd.grad(loss, expected_f)
 
     x = in_layout(f, p["layout"]).requires_grad_()
     out = run_layout(x, p["layout"], p["H"], p["W"], p["K"], refine=p["refine"], backend="torch")
-    loss = sum((t * w).sum() for t, w in zip((out.vectors, out.maps, out.norms), grads))
+    loss = sum((t * w).sum() for t, w in zip((out.vectors, out.maps, out.norms), grads, strict=True))
     (grad,) = torch.autograd.grad(loss, x)
     if p["layout"] == "tokens":
         grad = grad.transpose(1, 2).unflatten(2, (p["H"], p["W"]))
@@ -124,5 +131,5 @@ def test_cache_chunking_gives_the_same_values_and_gradients(p):
         chunked = run()
     finally:
         torch_impl.CACHE_CHUNK_BYTES = saved
-    for a, b in zip(whole, chunked):
+    for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -44,7 +44,11 @@ def _allocations(fn):
         out = fn()
         del out
     events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")),
+        (
+            e
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+        ),
         key=lambda e: e.start_ns(),
     )
     live = peak = largest = 0

@@ -18,13 +18,25 @@ import brnpa_triton as bt
         (lambda: bt.BRNPAHead(8, 5, 0), ValueError, r"num_parts must be at least 1; got 0"),
         (lambda: bt.BRNPAPool(2.5), TypeError, r"num_parts must be an int; got float 2.5"),
         (lambda: bt.BRNPAPool(True), TypeError, r"num_parts must be an int; got bool"),
-        (lambda: bt.BRNPAPool(torch.tensor([2])), TypeError, r"num_parts must be an int; got a torch.int64 tensor of shape \(1,\)"),
+        (
+            lambda: bt.BRNPAPool(torch.tensor([2])),
+            TypeError,
+            r"num_parts must be an int; got a torch.int64 tensor of shape \(1,\)",
+        ),
         (lambda: bt.BRNPAPool(torch.tensor(2.0)), TypeError, r"num_parts must be an int; got a torch.float32 tensor"),
         (lambda: bt.BRNPAPool(3, refine="no"), TypeError, r"refine must be True or False; got str 'no'"),
         (lambda: bt.BRNPAPool(3, refine=1), TypeError, r"refine must be True or False; got int"),
         (lambda: bt.BRNPAPool(3, check_finite=None), TypeError, r"check_finite must be True or False; got NoneType"),
-        (lambda: bt.BRNPAPool(3, seeds="random", generator=7), TypeError, r"generator must be a torch.Generator; got int"),
-        (lambda: bt.BRNPAPool(3, generator=torch.Generator()), ValueError, r"generator is only used with seeds='random'"),
+        (
+            lambda: bt.BRNPAPool(3, seeds="random", generator=7),
+            TypeError,
+            r"generator must be a torch.Generator; got int",
+        ),
+        (
+            lambda: bt.BRNPAPool(3, generator=torch.Generator()),
+            ValueError,
+            r"generator is only used with seeds='random'",
+        ),
         (lambda: bt.BRNPAPool(3, seeds=None), ValueError, r"seeds must be one of 'norm', 'random'; got None"),
         (lambda: bt.BRNPAHead(0, 5), ValueError, r"in_channels must be an int >= 1; got 0"),
         (lambda: bt.BRNPAHead(8, 0), ValueError, r"num_classes must be an int >= 1; got 0"),
@@ -33,7 +45,11 @@ import brnpa_triton as bt
         (lambda: bt.BRNPAHead(8, 5, dropout="0.1"), TypeError, r"dropout must be a float in \[0, 1\); got str '0.1'"),
         (lambda: bt.BRNPAHead(8, 5, bias="yes"), TypeError, r"bias must be True or False; got str 'yes'"),
         (lambda: bt.BRNPAClassifier(lambda x: x, 8, 5), TypeError, r"backbone must be a torch.nn.Module; got function"),
-        (lambda: bt.brnpa(torch.rand(1, 2, 3, 3), 2, refine="no"), TypeError, r"refine must be True or False; got str 'no'"),
+        (
+            lambda: bt.brnpa(torch.rand(1, 2, 3, 3), 2, refine="no"),
+            TypeError,
+            r"refine must be True or False; got str 'no'",
+        ),
         (lambda: bt.brnpa(torch.rand(1, 2, 3, 3), 2, check_finite=1), TypeError, r"check_finite must be True or False"),
     ],
 )
@@ -61,12 +77,28 @@ def test_numpy_and_tensor_integers_are_ints(integer):
 @pytest.mark.parametrize(
     "features, error, message",
     [
-        (torch.rand(2, 8, 3, 3, 1), ValueError, r"features must be \(B, C, H, W\) feature maps or \(B, N, C\) tokens; got 5 dims"),
+        (
+            torch.rand(2, 8, 3, 3, 1),
+            ValueError,
+            r"features must be \(B, C, H, W\) feature maps or \(B, N, C\) tokens; got 5 dims",
+        ),
         (torch.rand(2, 8), ValueError, r"got 2 dims, shape \(2, 8\)"),
         (np.zeros((2, 8, 3, 3), dtype=np.float32), TypeError, r"features must be a torch.Tensor; got ndarray"),
-        (torch.ones(2, 8, 3, 3, dtype=torch.int64), TypeError, r"features must be float16, bfloat16, float32 or float64"),
-        (torch.rand(2, 6, 3, 3), ValueError, r"BRNPAHead expects 8 channels; got \(B, C, H, W\) features of shape \(2, 6, 3, 3\) \(6 channels\)"),
-        (torch.rand(2, 9, 6), ValueError, r"BRNPAHead expects 8 channels; got \(B, N, C\) tokens of shape \(2, 9, 6\) \(6 channels\)"),
+        (
+            torch.ones(2, 8, 3, 3, dtype=torch.int64),
+            TypeError,
+            r"features must be float16, bfloat16, float32 or float64",
+        ),
+        (
+            torch.rand(2, 6, 3, 3),
+            ValueError,
+            r"BRNPAHead expects 8 channels; got \(B, C, H, W\) features of shape \(2, 6, 3, 3\) \(6 channels\)",
+        ),
+        (
+            torch.rand(2, 9, 6),
+            ValueError,
+            r"BRNPAHead expects 8 channels; got \(B, N, C\) tokens of shape \(2, 9, 6\) \(6 channels\)",
+        ),
     ],
 )
 def test_head_input_errors_say_what_is_wrong(features, error, message):

@@ -84,7 +84,9 @@ def run_demo(config: DemoConfig | None = None, *, verbose: bool = True) -> dict:
     digits, labels = load_digit_arrays()
     train_idx, test_idx = split_indices(labels, cfg.test_fraction, cfg.data_seed)
     train_idx, test_idx = train_idx[: cfg.max_train], test_idx[: cfg.max_test]
-    canvas_kwargs = dict(canvas=cfg.canvas, digit_size=cfg.digit_size, strokes=cfg.strokes, blobs=cfg.blobs, noise=cfg.noise)
+    canvas_kwargs = dict(
+        canvas=cfg.canvas, digit_size=cfg.digit_size, strokes=cfg.strokes, blobs=cfg.blobs, noise=cfg.noise
+    )
     test = make_canvases(digits[test_idx], labels[test_idx], np.random.default_rng([cfg.data_seed, 7]), **canvas_kwargs)
 
     per_seed, renderer = [], None
@@ -100,8 +102,17 @@ def run_demo(config: DemoConfig | None = None, *, verbose: bool = True) -> dict:
         )
         tt = time.perf_counter()
         res, extra = evaluate(
-            model, test, last_layer(model), eval_images=cfg.eval_images, di_step=cfg.di_step, di_batch=cfg.di_batch,
-            rise_masks=cfg.rise_masks, insertion_kernel=kernel, seed=seed, progress=cfg.progress, desc=f"evaluate {tag}",
+            model,
+            test,
+            last_layer(model),
+            eval_images=cfg.eval_images,
+            di_step=cfg.di_step,
+            di_batch=cfg.di_batch,
+            rise_masks=cfg.rise_masks,
+            insertion_kernel=kernel,
+            seed=seed,
+            progress=cfg.progress,
+            desc=f"evaluate {tag}",
         )
         if i == 0 and cfg.overlays > 0:
             renderer = write_figure(os.path.join(cfg.out, "overlays.png"), test, extra["saliency"], extra["maps"],
@@ -157,7 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds), help="training seeds (default: 0 1 2)")
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--num-parts", type=int, default=defaults.num_parts)
-    p.add_argument("--eval-images", type=int, default=defaults.eval_images, help="test images whose explanations are scored")
+    p.add_argument(
+        "--eval-images", type=int, default=defaults.eval_images, help="test images whose explanations are scored"
+    )
     p.add_argument("--di-step", type=int, default=defaults.di_step, help="cells per deletion/insertion step")
     p.add_argument("--rise-masks", type=int, default=defaults.rise_masks)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

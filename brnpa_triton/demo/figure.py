@@ -71,13 +71,13 @@ def write_figure(path: str, test, sal: dict, maps: torch.Tensor, logits: torch.T
         grey = test.images[r, 0].clamp(0, 1).numpy()
         ax = axes[r, 0]
         ax.imshow(grey, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        t, l, b, rt = (int(v) for v in test.boxes[r])
-        ax.add_patch(Rectangle((l - 0.5, t - 0.5), rt - l, b - t, fill=False, edgecolor="red", linewidth=1.2))
+        y0, x0, y1, x1 = (int(v) for v in test.boxes[r])  # top, left, bottom, right
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=1.2))
         ok = int(pred[r]) == int(test.labels[r])
         ax.set_ylabel(f"true {int(test.labels[r])}\npred {int(pred[r])}", fontsize=9, color="black" if ok else "red",
                       rotation=0, labelpad=22, va="center")
         axes[r, 1].imshow(parts_picture(grey, maps[r]), interpolation="nearest")
-        for c, (title, column) in enumerate(cols):
+        for c, (_, column) in enumerate(cols):
             ax = axes[r, 2 + c]
             top = float(column.max())
             m = column[r].double() / top if top > 0 else torch.zeros_like(column[r].double())
@@ -108,11 +108,11 @@ def write_figure(path: str, test, sal: dict, maps: torch.Tensor, logits: torch.T
 
 
 def _box(img: np.ndarray, box, scale: int, colour=(230, 30, 30)) -> np.ndarray:
-    t, l, b, r = (int(v) * scale for v in box)
-    b, r = min(b, img.shape[0]) - 1, min(r, img.shape[1]) - 1
+    y0, x0, y1, x1 = (int(v) * scale for v in box)  # top, left, bottom, right
+    y1, x1 = min(y1, img.shape[0]) - 1, min(x1, img.shape[1]) - 1
     img = img.copy()
-    img[t, l : r + 1] = img[b, l : r + 1] = colour
-    img[t : b + 1, l] = img[t : b + 1, r] = colour
+    img[y0, x0 : x1 + 1] = img[y1, x0 : x1 + 1] = colour
+    img[y0 : y1 + 1, x0] = img[y0 : y1 + 1, x1] = colour
     return img
 
 

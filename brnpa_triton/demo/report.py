@@ -25,7 +25,7 @@ _CAMS = {"gradcam": grad_cam, "gradcam++": grad_cam_pp, "hirescam": hires_cam, "
 
 @torch.no_grad()
 def predict(model, images: torch.Tensor, batch_size: int = 256):
-    """Logits and the BR-NPA outputs (maps, norms) of the whole set, in batches."""
+    """``(logits, maps, norms)`` of the whole set: the logits and the BR-NPA maps and norms, in batches."""
     logits, maps, norms = [], [], []
     for i in range(0, len(images), batch_size):
         lg, out = model(images[i : i + batch_size], return_output=True)
@@ -42,7 +42,12 @@ def box_cells(boxes: torch.Tensor, grid: tuple[int, int], image_size: tuple[int,
     cy = (torch.arange(h, dtype=torch.float64) + 0.5) * (H / h)
     cx = (torch.arange(w, dtype=torch.float64) + 0.5) * (W / w)
     top, left, bottom, right = (v.view(-1, 1, 1) for v in boxes.double().unbind(1))
-    return (cy.view(1, h, 1) >= top) & (cy.view(1, h, 1) <= bottom) & (cx.view(1, 1, w) >= left) & (cx.view(1, 1, w) <= right)
+    return (
+        (cy.view(1, h, 1) >= top)
+        & (cy.view(1, h, 1) <= bottom)
+        & (cx.view(1, 1, w) >= left)
+        & (cx.view(1, 1, w) <= right)
+    )
 
 
 def pointing(maps: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -68,7 +73,7 @@ def saliencies(model, x: torch.Tensor, layer, maps, norms, *, rise_masks: int, s
     out = {"brnpa": saliency(BRNPAOutput(None, maps, None, None, norms)).detach()}
     bar.update(1, "BR-NPA")
     for name, fn in _CAMS.items():
-        out[name] = _batched(lambda v: fn(model, v, layer), x, 256)
+        out[name] = _batched(lambda v, fn=fn: fn(model, v, layer), x, 256)
         bar.update(1, name)
     out["scorecam"] = _batched(lambda v: score_cam(model, v, layer, batch_size=1024), x, 64)
     bar.update(1, "Score-CAM")
@@ -82,7 +87,12 @@ def saliencies(model, x: torch.Tensor, layer, maps, norms, *, rise_masks: int, s
 
 def evaluate(model, test, layer, *, eval_images: int, di_step: int, di_batch: int, rise_masks: int,
              insertion_kernel: int, seed: int, progress: bool = True, desc: str = "evaluate") -> tuple[dict, dict]:
-    """Figures of one trained model; returns (results, saliency maps of the evaluated images)."""
+    """Figures of one trained model, the explanations scored on the first ``eval_images`` test images.
+
+    Returns ``(results, extra)``: the figures (a JSON-ready dict) and, for the figure, a dict of
+    tensors of the evaluated images: ``"saliency"`` (method name -> (n, 1, h, w) map), ``"maps"``,
+    ``"norms"`` and ``"logits"``.
+    """
     model.eval()
     x_all, y_all, boxes_all = test.images, test.labels, test.boxes
     size = tuple(x_all.shape[2:])
@@ -114,10 +124,13 @@ def evaluate(model, test, layer, *, eval_images: int, di_step: int, di_batch: in
         start_logits = model(start).detach()
         intact_pred = logits[:n].argmax(1)
         res["insertion_start"] = {
-            "kind": f"box blur {insertion_kernel}x{insertion_kernel} (in-image mean), the paper's 121 px on 448 px scaled to {size[1]} px",
+            "kind": f"box blur {insertion_kernel}x{insertion_kernel} (in-image mean),"
+                    f" the paper's 121 px on 448 px scaled to {size[1]} px",
             "kernel": insertion_kernel,
             "accuracy_on_start": float((start_logits.argmax(1) == y_all[:n]).float().mean()),
-            "mean_probability_of_prediction_on_start": float(torch.softmax(start_logits, 1).gather(1, intact_pred[:, None]).mean()),
+            "mean_probability_of_prediction_on_start": float(
+                torch.softmax(start_logits, 1).gather(1, intact_pred[:, None]).mean()
+            ),
             "distinct_predictions_on_start": int(start_logits.argmax(1).unique().numel()),
         }
         for k, s in sal.items():
@@ -130,7 +143,10 @@ def evaluate(model, test, layer, *, eval_images: int, di_step: int, di_batch: in
         a = deletion_insertion(model, x, sal["brnpa"], protocol="authors", step=di_step, batch_size=di_batch)
         p = deletion_insertion(model, x, sal["brnpa"], step=di_step, batch_size=di_batch, metrics="insertion")
         res["brnpa_protocols"] = {
-            "library_scaled_blur": {"deletion_auc": res["deletion_auc"]["brnpa"], "insertion_auc": res["insertion_auc"]["brnpa"]},
+            "library_scaled_blur": {
+                "deletion_auc": res["deletion_auc"]["brnpa"],
+                "insertion_auc": res["insertion_auc"]["brnpa"],
+            },
             "library_blur_121_clamped": {"insertion_auc": float(p.insertion_auc.mean())},
             "authors": {"deletion_auc": float(a.deletion_auc.mean()), "insertion_auc": float(a.insertion_auc.mean())},
         }
@@ -148,7 +164,9 @@ def _mean_std(values: list[float]) -> dict:
 
 def summarize(per_seed: list[dict]) -> dict:
     """Mean and sample standard deviation over seeds of every figure."""
-    out = {k: _mean_std([r[k] for r in per_seed]) for k in ("test_accuracy", "sparsity_brnpa", "gradcam_all_zero_fraction")}
+    out = {
+        k: _mean_std([r[k] for r in per_seed]) for k in ("test_accuracy", "sparsity_brnpa", "gradcam_all_zero_fraction")
+    }
     for key in ("pointing_quantus", "pointing_strict", "deletion_auc", "insertion_auc"):
         out[key] = {m: _mean_std([r[key][m] for r in per_seed]) for m in METHODS}
     out["brnpa_protocols"] = {
@@ -164,6 +182,7 @@ def _pm(d: dict, digits: int = 3) -> str:
 
 
 def format_report(res: dict) -> str:
+    """The plain-text report of a run (what the demo prints)."""
     s = res["summary"]
     first = res["per_seed"][0]
     lines = [
@@ -175,7 +194,8 @@ def format_report(res: dict) -> str:
         f"insertion starts from a {first['insertion_start']['kind']}: accuracy on those start images "
         f"{_pm(s['accuracy_on_insertion_start'])}",
         "",
-        f"  {'saliency':<22}{'pointing (Quantus)':>20}{'pointing (strict)':>20}{'DAUC (low=good)':>18}{'IAUC (high=good)':>19}",
+        f"  {'saliency':<22}{'pointing (Quantus)':>20}{'pointing (strict)':>20}"
+        f"{'DAUC (low=good)':>18}{'IAUC (high=good)':>19}",
     ]
     for m in METHODS:
         lines.append(
@@ -188,9 +208,12 @@ def format_report(res: dict) -> str:
         f"Grad-CAM all zero after its ReLU on {_pm(s['gradcam_all_zero_fraction'])} of the images "
         "(Quantus's tie rule counts such a map as a hit).",
         "BR-NPA saliency under each protocol (same maps, same images):",
-        f"  library, scaled blur:          DAUC {_pm(p['library_scaled_blur']['deletion_auc'])}  IAUC {_pm(p['library_scaled_blur']['insertion_auc'])}",
-        f"  library, 121 px blur clamped:                          IAUC {_pm(p['library_blur_121_clamped']['insertion_auc'])}",
-        f"  authors (zero-padded 121 px):  DAUC {_pm(p['authors']['deletion_auc'])}  IAUC {_pm(p['authors']['insertion_auc'])}",
+        f"  library, scaled blur:          DAUC {_pm(p['library_scaled_blur']['deletion_auc'])}"
+        f"  IAUC {_pm(p['library_scaled_blur']['insertion_auc'])}",
+        f"  library, 121 px blur clamped:                          "
+        f"IAUC {_pm(p['library_blur_121_clamped']['insertion_auc'])}",
+        f"  authors (zero-padded 121 px):  DAUC {_pm(p['authors']['deletion_auc'])}"
+        f"  IAUC {_pm(p['authors']['insertion_auc'])}",
     ]
     return "\n".join(lines)
 
@@ -216,9 +239,12 @@ def markdown_summary(res: dict) -> str:
         "",
         "| BR-NPA saliency, same maps and images | deletion AUC | insertion AUC |",
         "|---|---|---|",
-        f"| library protocol, {first['insertion_start']['kernel']} px blur | {_pm(p['library_scaled_blur']['deletion_auc'])} | "
+        f"| library protocol, {first['insertion_start']['kernel']} px blur | "
+        f"{_pm(p['library_scaled_blur']['deletion_auc'])} | "
         f"{_pm(p['library_scaled_blur']['insertion_auc'])} |",
-        f"| library protocol, 121 px blur (clamped to 47) | (same) | {_pm(p['library_blur_121_clamped']['insertion_auc'])} |",
-        f"| authors' protocol (121 px, zero-padded) | {_pm(p['authors']['deletion_auc'])} | {_pm(p['authors']['insertion_auc'])} |",
+        f"| library protocol, 121 px blur (clamped to 47) | (same) | "
+        f"{_pm(p['library_blur_121_clamped']['insertion_auc'])} |",
+        f"| authors' protocol (121 px, zero-padded) | "
+        f"{_pm(p['authors']['deletion_auc'])} | {_pm(p['authors']['insertion_auc'])} |",
     ]
     return "\n".join(lines) + "\n"

@@ -110,7 +110,7 @@ class BRNPABackwardFunction(torch.autograd.Function):
         size = info.batch_size
         tensors = [
             _fold(arg, dim, size) if isinstance(arg, torch.Tensor) else arg  # None: no gradient
-            for arg, dim in zip(args, in_dims)
+            for arg, dim in zip(args, in_dims, strict=True)
         ]
         grad_x = BRNPABackwardFunction.apply(*tensors)
         return _unfold(grad_x, size), 0

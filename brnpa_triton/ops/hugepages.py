@@ -2,7 +2,7 @@
 
 glibc serves every allocation above 32 MB with a fresh mmap and unmaps it on free, so each
 backward's dX (the size of the features) is faulted in 4 KB page by page: at (8, 2048, 28x28)
-float32 that was ~13 ms of a ~23 ms backward on the 2-core dev machine, ~4 ms with huge pages.
+float32 that was ~13 ms of a ~23 ms backward on a 2-core AMD EPYC, ~4 ms with huge pages.
 Where THP is in "madvise" mode (common), asking for it on our own buffer before its first
 touch is enough. This touches nothing but that buffer; PyTorch's THP_MEM_ALLOC_ENABLE=1 does
 the same for every allocation. Elsewhere (not Linux, CUDA, small buffers) it is a no-op.

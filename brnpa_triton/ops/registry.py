@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Optional
 
 import torch
 
@@ -152,10 +151,10 @@ def _(x, num_parts, refine, seed_indices, by_activity, backend):
 @_implement("backward")
 def _backward(
     x: torch.Tensor,
-    grad_vectors: Optional[torch.Tensor],
-    grad_maps: Optional[torch.Tensor],
-    grad_activity: Optional[torch.Tensor],
-    grad_norms: Optional[torch.Tensor],
+    grad_vectors: torch.Tensor | None,
+    grad_maps: torch.Tensor | None,
+    grad_activity: torch.Tensor | None,
+    grad_norms: torch.Tensor | None,
     vectors: torch.Tensor,
     maps: torch.Tensor,
     indices: torch.Tensor,
@@ -178,7 +177,12 @@ def _backward(
     for name, t in (("vectors", vectors), ("maps", maps), ("norms", norms), ("inv_sums", inv_sums)):
         if tuple(t.shape) != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]}; got {tuple(t.shape)}")
-    grads = {"grad_vectors": grad_vectors, "grad_maps": grad_maps, "grad_activity": grad_activity, "grad_norms": grad_norms}
+    grads = {
+        "grad_vectors": grad_vectors,
+        "grad_maps": grad_maps,
+        "grad_activity": grad_activity,
+        "grad_norms": grad_norms,
+    }
     grad_shapes = {"grad_vectors": (B, K, C), "grad_maps": (B, K, N), "grad_activity": (B, K), "grad_norms": (B, N)}
     for name, g in grads.items():
         if g is not None and tuple(g.shape) != grad_shapes[name]:
