@@ -7,8 +7,9 @@ import torch
 
 import brnpa_triton as bt
 from brnpa_triton.ops import common as constants
+from brnpa_triton.testing import assert_close, random_features
 from reference import DEGENERATE_SUM_RATIO, EPS, brnpa_reference
-from tests.helpers import assert_close, random_features, reference
+from tests.helpers import reference
 
 
 def _grad(f, K, **kw):

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import brnpa_triton as bt
-from tests.helpers import random_features
+from brnpa_triton.testing import random_features
 
 
 @st.composite

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import brnpa_triton as bt
-from tests.helpers import LAYOUTS, duplicate_groups, in_layout, random_features, reference, run_layout
+from brnpa_triton.testing import FEATURE_LAYOUTS, duplicate_groups, features_in_layout, random_features, run_in_layout
+from tests.helpers import reference
 
 BACKENDS = ("torch", "triton")
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -35,14 +36,14 @@ def test_duplicated_columns_tie_to_the_lowest_position_in_every_layout(dtype, ba
         groups = duplicate_groups(f)
         K = 3
         picks = {}
-        for layout in LAYOUTS:
-            out = run_layout(in_layout(f, layout), layout, H, W, K, backend=backend)
+        for layout in FEATURE_LAYOUTS:
+            out = run_in_layout(features_in_layout(f, layout), layout, H, W, K, backend=backend)
             _assert_identical_where_duplicated(out.norms.flatten(1), groups, f"{layout} norms")
             _assert_identical_where_duplicated(out.maps.flatten(2), groups, f"{layout} maps")
             lowest = groups.gather(1, out.indices)
             assert torch.equal(out.indices, lowest), f"{layout}: a seed has an identical column at a lower position"
             picks[layout] = out.indices
-        for layout in LAYOUTS:
+        for layout in FEATURE_LAYOUTS:
             assert torch.equal(picks[layout], picks["nchw"]), f"{layout} picks {picks[layout]}, nchw {picks['nchw']}"
         if dtype == torch.float64:
             assert torch.equal(picks["nchw"], reference(f, K).indices)
@@ -63,9 +64,9 @@ def test_large_finite_inputs_give_finite_outputs_and_gradients(dtype, backend, s
     f = (torch.rand(2, 8, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * scale).to(dtype)
     expected = reference(f.double(), 2)
     rtol = 1e-5 if dtype == torch.float32 else 2e-2
-    for layout in LAYOUTS:
-        x = in_layout(f, layout).requires_grad_()
-        out = run_layout(x, layout, 3, 3, 2, check_finite=True, backend=backend)
+    for layout in FEATURE_LAYOUTS:
+        x = features_in_layout(f, layout).requires_grad_()
+        out = run_in_layout(x, layout, 3, 3, 2, check_finite=True, backend=backend)
         for name, t in zip(out._fields, out, strict=True):
             assert torch.isfinite(t).all(), f"{layout}: {name} is not finite"
         assert torch.equal(out.indices, expected.indices)
@@ -110,8 +111,8 @@ def test_tiny_features_norms_are_exact(dtype, backend):
     """Squares of 1e-30 underflow in float32; the norms are computed scaled, so they stay exact."""
     f = torch.rand(2, 16, 3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 1e-30
     expected = torch.linalg.vector_norm(f, dim=1)
-    for layout in LAYOUTS:
-        out = run_layout(in_layout(f.to(dtype), layout), layout, 3, 4, 3, backend=backend)
+    for layout in FEATURE_LAYOUTS:
+        out = run_in_layout(features_in_layout(f.to(dtype), layout), layout, 3, 4, 3, backend=backend)
         torch.testing.assert_close(out.norms.double(), expected, rtol=1e-6, atol=0, msg=layout)
         assert all(torch.isfinite(t).all() for t in out), layout
         torch.testing.assert_close(out.maps.sum((2, 3)).double(), torch.ones(2, 3, dtype=torch.float64))

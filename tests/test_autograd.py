@@ -7,7 +7,7 @@ import torch
 
 import brnpa_triton as bt
 from brnpa_triton.ops.registry import brnpa_backward, brnpa_forward
-from tests.helpers import random_features
+from brnpa_triton.testing import random_features
 
 
 def _differentiable_outputs(out):

@@ -8,7 +8,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import brnpa_triton as bt
-from tests.helpers import LAYOUTS, assert_close, in_layout, random_features, reference, run_layout
+from brnpa_triton.testing import FEATURE_LAYOUTS, assert_close, features_in_layout, random_features, run_in_layout
+from tests.helpers import reference
 
 
 @st.composite
@@ -24,7 +25,7 @@ def problems(draw, max_hw=6, max_c=9):
         kind=draw(st.sampled_from(["relu", "signed"])),
         zero_positions=draw(st.integers(0, min(2, H * W - 1))),
         duplicate_columns=draw(st.integers(0, 2)),  # exact ties: the lowest position must win
-        layout=draw(st.sampled_from(LAYOUTS)),
+        layout=draw(st.sampled_from(FEATURE_LAYOUTS)),
         refine=draw(st.booleans()),
     )
 
@@ -38,8 +39,8 @@ def _features(p, dtype=torch.float64):
 def test_forward_matches_reference_float64(p):
     f = _features(p)
     expected = reference(f, p["K"], refine=p["refine"])
-    out = run_layout(
-        in_layout(f, p["layout"]), p["layout"], p["H"], p["W"], p["K"], refine=p["refine"], backend="torch"
+    out = run_in_layout(
+        features_in_layout(f, p["layout"]), p["layout"], p["H"], p["W"], p["K"], refine=p["refine"], backend="torch"
     )
     assert torch.equal(out.indices, expected.indices)
     for name in ("vectors", "maps", "activity", "norms"):
@@ -53,8 +54,8 @@ def test_forward_low_precision_matches_reference(dtype, p):
     """Low-precision inputs: compare with the reference on the same (rounded) values in float64."""
     f = _features(p, dtype)
     expected = reference(f.double(), p["K"], refine=p["refine"])
-    out = run_layout(
-        in_layout(f, p["layout"]), p["layout"], p["H"], p["W"], p["K"], refine=p["refine"], backend="torch"
+    out = run_in_layout(
+        features_in_layout(f, p["layout"]), p["layout"], p["H"], p["W"], p["K"], refine=p["refine"], backend="torch"
     )
     assert out.vectors.dtype == out.maps.dtype == out.norms.dtype == out.activity.dtype == dtype
     # A near-tie of the selection score can flip a seed at this precision (e.g. C = 1, where
@@ -77,8 +78,8 @@ def test_gradients_match_reference_autograd(p):
     loss = sum((t * w).sum() for t, w in zip((expected.vectors, expected.maps, expected.norms), grads, strict=True))
     (expected_grad,) = torch.autograd.grad(loss, expected_f)
 
-    x = in_layout(f, p["layout"]).requires_grad_()
-    out = run_layout(x, p["layout"], p["H"], p["W"], p["K"], refine=p["refine"], backend="torch")
+    x = features_in_layout(f, p["layout"]).requires_grad_()
+    out = run_in_layout(x, p["layout"], p["H"], p["W"], p["K"], refine=p["refine"], backend="torch")
     loss = sum((t * w).sum() for t, w in zip((out.vectors, out.maps, out.norms), grads, strict=True))
     (grad,) = torch.autograd.grad(loss, x)
     if p["layout"] == "tokens":
@@ -117,10 +118,10 @@ def test_cache_chunking_gives_the_same_values_and_gradients(p):
     from brnpa_triton.ops import torch_impl
 
     f = _features(p, torch.float32)
-    x = in_layout(f, p["layout"]).requires_grad_()
+    x = features_in_layout(f, p["layout"]).requires_grad_()
 
     def run():
-        out = run_layout(x, p["layout"], p["H"], p["W"], p["K"], refine=p["refine"], backend="torch")
+        out = run_in_layout(x, p["layout"], p["H"], p["W"], p["K"], refine=p["refine"], backend="torch")
         (grad,) = torch.autograd.grad((out.vectors.sum() + (out.maps**2).sum() + out.norms.sum()), x)
         return (*out, grad)
 
