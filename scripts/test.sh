@@ -7,4 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 . .venv/bin/activate
+if [ $# -eq 0 ]; then
+  ruff check .  # lint and import order (pyproject.toml [tool.ruff])
+fi
 python -m pytest -q "$@"
