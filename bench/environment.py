@@ -57,7 +57,7 @@ def _git(*args):
         return None
 
 
-def _cpu_model():
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -89,7 +89,7 @@ def environment(device: str) -> dict:
         triton_version = None
     env = {
         "device": device,
-        "device_name": torch.cuda.get_device_name(d) if d.type == "cuda" else _cpu_model(),
+        "device_name": torch.cuda.get_device_name(d) if d.type == "cuda" else cpu_model(),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,

@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.environment import cpu_model, loadavg
 from brnpa_triton.metrics import deletion_insertion
+
+
+def _load_average() -> list[float] | None:
+    load = loadavg()
+    return None if load is None else [round(v, 2) for v in load]
 
 
 def small_cnn(classes: int = 10) -> nn.Module:
@@ -75,24 +81,6 @@ def _timed(fn):
     return time.perf_counter() - start, out
 
 
-def _load() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run(
     images: int, loop_images: int, repeats: int, batch_size: int, size: int, grid: int, threads: int | None
 ) -> dict:
@@ -103,7 +91,7 @@ def run(
     g = torch.Generator().manual_seed(1)
     x = torch.rand(images, 3, size, size, generator=g)
     sal = torch.rand(images, 1, grid, grid, generator=g)
-    load_before = _load()
+    load_before = _load_average()
     batched, loop, ratios = [], [], []
     max_diff = 0.0
     for rep in range(repeats):
@@ -152,14 +140,14 @@ def run(
         "speedup": spread(ratios),
         "max_abs_curve_difference_loop_vs_authors_protocol": max_diff,
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_model(),
             "logical_cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),
             "platform": platform.platform(),
             "load_average_before": load_before,
-            "load_average_after": _load(),
+            "load_average_after": _load_average(),
         },
     }
 

@@ -6,7 +6,6 @@ Only torch, numpy and the standard library are needed (no matplotlib, OpenCV or 
 
 from __future__ import annotations
 
-import numbers
 import os
 import struct
 import zlib
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from brnpa_triton._validation import as_int
 from brnpa_triton.api import BRNPAOutput
 
 __all__ = [
@@ -64,16 +64,10 @@ def saliency(out: BRNPAOutput, parts: int | Sequence[int] | str | None = None) -
 
 def _part_index(value, parts) -> int:
     """One part index from a Python, numpy or 0-d tensor integer (never a bool or a float)."""
-    if (
-        isinstance(value, torch.Tensor)
-        and value.dim() == 0
-        and not value.is_floating_point()
-        and value.dtype != torch.bool
-    ):
-        value = int(value)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"parts must be None, 'all', an int or a sequence of ints; got {parts!r}")
-    return int(value)
+    try:
+        return as_int("parts", value)
+    except TypeError:
+        raise TypeError(f"parts must be None, 'all', an int or a sequence of ints; got {parts!r}") from None
 
 
 def upsample(saliency: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:

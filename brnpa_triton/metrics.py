@@ -4,13 +4,14 @@ and the deletion / insertion curves (DAUC / IAUC) of any saliency map."""
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from brnpa_triton._validation import as_int
 
 __all__ = [
     "sparsity",
@@ -78,22 +79,6 @@ class DeletionInsertion(NamedTuple):
     insertion_x: torch.Tensor | None = None
 
 
-def _as_int(name: str, value, minimum: int) -> int:
-    """An int from a Python, numpy or 0-d integer tensor value, else a clear error."""
-    if (
-        isinstance(value, torch.Tensor)
-        and value.dim() == 0
-        and not value.is_floating_point()
-        and value.dtype != torch.bool
-    ):
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {int(value)}")
-    return int(value)
-
-
 def _blur_1d_box(x: torch.Tensor, dim: int, radius: int) -> torch.Tensor:
     """Mean over the in-image part of a (2 * radius + 1) window along ``dim`` (cumulative sums)."""
     L = x.shape[dim]
@@ -134,7 +119,7 @@ def box_blur_zero_padded(images: torch.Tensor, kernel: int = 121) -> torch.Tenso
     """The authors' insertion start: a ``kernel`` x ``kernel`` box filter with zero padding, every
     output divided by ``kernel**2`` whatever the image size (so pixels near the border, and every
     pixel of an image smaller than the kernel, get darker). Computed in float32 (float64 kept)."""
-    kernel = _as_int("kernel", kernel, 1)
+    kernel = as_int("kernel", kernel, minimum=1)
     if kernel % 2 == 0:
         raise ValueError(f"kernel must be a positive odd int; got {kernel}")
     x = images.to(torch.promote_types(images.dtype, torch.float32))
@@ -309,7 +294,7 @@ def deletion_insertion(
         raise ValueError("protocol='authors' works on cells only; got unit='pixel'")
     if not isinstance(softmax, bool):
         raise TypeError(f"softmax must be True or False; got {softmax!r}")
-    batch_size = _as_int("batch_size", batch_size, 1)
+    batch_size = as_int("batch_size", batch_size, minimum=1)
     device = images.device
     sal = saliency.detach().to(device=device, dtype=torch.float32)
     if protocol == "authors" and not bool(torch.isfinite(sal).all()):
@@ -322,12 +307,12 @@ def deletion_insertion(
             cell_of_pixel = _authors_cell_ids(h, w, H, W, device)
         else:
             cell_of_pixel = _cell_ids(h, w, H, W, device)  # (H, W)
-        step = 1 if step is None else _as_int("step", step, 1)
+        step = 1 if step is None else as_int("step", step, minimum=1)
     else:
         sal = F.interpolate(sal[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
         n_units = H * W
         cell_of_pixel = None
-        step = W if step is None else _as_int("step", step, 1)
+        step = W if step is None else as_int("step", step, minimum=1)
     units = rearrange(sal, "b h w -> b (h w)")  # (B, U), row-major
     if protocol == "authors":
         rank = _authors_order(units, step)
