@@ -2,7 +2,7 @@
 
     python -m bench.kernels                       # writes to a scratch directory
     python -m bench.kernels --out bench/results   # the committed copy
-    python -m bench.kernels --targets 90 --legacy --workers 2
+    python -m bench.kernels --targets 90 --workers 2
 
 Nothing here runs on a GPU: it is a proxy that steers the kernels' design until a GPU measures
 them. It compiles, for sm_90, sm_80 and sm_89 (``triton.compile`` with a ``GPUTarget``), every
@@ -19,8 +19,7 @@ shapes, and every entry of ``plan_variants``), then reads:
   bytes each plan moves, and the time those bytes take at the card's peak bandwidth next to the
   one-read and (K+1)-read floors.
 
-Launch plans come from ``brnpa_triton.ops.triton_impl`` when it has them, else (or with
-``--legacy``) from ``bench._legacy_plan``, which describes the one-program-per-image kernels.
+Launch plans come from ``brnpa_triton.ops.triton_impl``.
 Compilation runs in child processes with ``TRITON_INTERPRET=0`` (the test suite runs the
 interpreter, under which kernels cannot be compiled), a few at a time.
 """
@@ -402,21 +401,11 @@ def resident_blocks(cc: int, registers: int, threads: int, shared_bytes: int) ->
 
 # ---- launch plans -------------------------------------------------------------------------
 
-def plan_source(legacy: bool = False):
+def plan_source():
     """The module that provides the launch plans, and its name."""
     from brnpa_triton.ops import triton_impl
 
-    if not legacy and all(hasattr(triton_impl, n) for n in ("forward_plan", "backward_plan", "plan_variants")):
-        return triton_impl, "brnpa_triton.ops.triton_impl"
-    from bench import _legacy_plan
-
-    return _legacy_plan, "bench._legacy_plan (one program per image)"
-
-
-def has_plan_functions() -> bool:
-    from brnpa_triton.ops import triton_impl
-
-    return all(hasattr(triton_impl, n) for n in ("forward_plan", "backward_plan", "plan_variants"))
+    return triton_impl, "brnpa_triton.ops.triton_impl"
 
 
 def bench_requests(cards=tuple(CARDS)) -> list[dict]:
@@ -570,9 +559,9 @@ def _worker() -> None:
     """Read jobs (JSON on stdin), print one JSON result per job, each on its own line."""
     import triton
 
-    legacy, jobs = json.loads(sys.stdin.read())
-    source, _ = plan_source(legacy)
-    index = SourceIndex(getattr(source, "streaming_for_lines", marked_for_lines))
+    jobs = json.loads(sys.stdin.read())
+    source, _ = plan_source()
+    index = SourceIndex(marked_for_lines)
     plans: dict[str, list] = {}
     for job in jobs:
         key = json.dumps(job["request"], sort_keys=True)
@@ -589,7 +578,7 @@ def _worker() -> None:
 
 # ---- compiling (driver side) --------------------------------------------------------------
 
-def run_jobs(jobs: list[dict], legacy: bool, workers: int = 2, python: str | None = None) -> list[dict]:
+def run_jobs(jobs: list[dict], workers: int = 2, python: str | None = None) -> list[dict]:
     """Compile jobs ({request, entry, launch, cc}) in ``workers`` child processes; results in
     the jobs' order."""
     if not jobs:
@@ -609,7 +598,7 @@ def run_jobs(jobs: list[dict], legacy: bool, workers: int = 2, python: str | Non
             continue
         p = subprocess.Popen([python or sys.executable, "-m", "bench.kernels", "--worker"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-        p.stdin.write(json.dumps([legacy, chunk]))
+        p.stdin.write(json.dumps(chunk))
         p.stdin.close()
         procs.append((p, chunk))
     by_job: dict[str, dict] = {}
@@ -636,12 +625,12 @@ class Collected:
     requests: list
 
 
-def collect(requests: list[dict], targets, legacy: bool, *, select=None) -> Collected:
+def collect(requests: list[dict], targets, *, select=None) -> Collected:
     """Build the plans of ``requests`` here and list each distinct compilation once per target.
 
     ``select(request, launch_summary, cc) -> bool`` narrows which launches are compiled (the
     tests compile a subset for some targets)."""
-    source, source_name = plan_source(legacy)
+    source, source_name = plan_source()
     plans, jobs = {}, {}
     for request in requests:
         entries = []
@@ -662,10 +651,10 @@ def collect(requests: list[dict], targets, legacy: bool, *, select=None) -> Coll
     return Collected(source_name, plans, jobs, requests)
 
 
-def compile_collected(col: Collected, legacy: bool, workers: int = 2, python: str | None = None) -> dict:
+def compile_collected(col: Collected, workers: int = 2, python: str | None = None) -> dict:
     """compile key -> result."""
     keys = list(col.jobs)
-    results = run_jobs([col.jobs[k] for k in keys], legacy, workers, python)
+    results = run_jobs([col.jobs[k] for k in keys], workers, python)
     return dict(zip(keys, results, strict=True))
 
 
@@ -966,9 +955,6 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="output directory (default: a new scratch directory)")
     ap.add_argument("--targets", default=",".join(map(str, TARGETS)), help="compute capabilities, e.g. 90,80,89")
-    ap.add_argument(
-        "--legacy", action="store_true", help="describe the one-program-per-image launches (bench._legacy_plan)"
-    )
     ap.add_argument("--stem", default="kernels-static", help="file name stem (default kernels-static)")
     ap.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -980,9 +966,9 @@ def main(argv=None) -> dict:
     unknown = [t for t in targets if t not in ARCH_LIMITS]
     if unknown:
         ap.error(f"--targets: expected compute capabilities among {sorted(ARCH_LIMITS)}; got {unknown}")
-    col = collect([{"kind": "variants"}] + bench_requests(), targets, args.legacy)
+    col = collect([{"kind": "variants"}] + bench_requests(), targets)
     print(f"{len(col.jobs)} compilations ({len(targets)} targets), plans from {col.source_name}", file=sys.stderr)
-    compiled = compile_collected(col, args.legacy, args.workers)
+    compiled = compile_collected(col, args.workers)
     rep = build_report(col, compiled, targets)
     out = args.out or Path(tempfile.mkdtemp(prefix="kernels-static-"))
     js, md = write_report(rep, out, args.stem)

@@ -9,8 +9,8 @@ kernels cannot be compiled).
 
 The structure tests (no barrier in the loops that stream X, loads of X as wide as the rows'
 alignment allows, at least 2 programs per SM on an H100) are targets of the launch plans of
-``triton_impl``; they skip while it has none (the one-program-per-image kernels, described by
-``bench._legacy_plan``, fail them: see bench/results/kernels-static-before.md).
+``triton_impl``, which the one-program-per-image kernels before them did not meet (see
+bench/results/kernels-static-before.md).
 """
 
 from __future__ import annotations
@@ -150,13 +150,6 @@ def test_marked_for_lines():
     assert bk.marked_for_lines(KERNEL_SOURCE) == {11}
 
 
-def test_legacy_streaming_lines_are_loops_that_load_tiles_directly():
-    from bench import _legacy_plan
-
-    src = "for a in r:\n    for b in r:\n        t = load_tile(p)\n    u = 1\nfor c in r:\n    v = tl.load(p)\n"
-    assert _legacy_plan.streaming_for_lines(src) == {2}
-
-
 @pytest.mark.parametrize("cc, regs, threads, shared, blocks, limit", [
     (90, 128, 512, 0, 1, "registers"),  # 16 warps x 4096 registers: the whole file
     (90, 107, 512, 0, 1, "registers"),  # 112 a thread: 4 warps per sub-partition
@@ -179,14 +172,6 @@ def test_layout_strides():
 # ---- compiled kernels ------------------------------------------------------------------------
 
 SUBSET_PLAN = {80: "A100", 89: "H100"}  # sm_80/sm_89 compile the benchmark plans of these cards
-HAS_PLANS = bk.has_plan_functions()
-NEEDS_PLANS = pytest.mark.skipif(
-    not HAS_PLANS,
-    reason="triton_impl has no forward_plan/backward_plan/plan_variants: these are targets of the split-position "
-           "launch plans; the one-program-per-image kernels (bench/_legacy_plan.py) do not meet them "
-           "(bench/results/kernels-static-before.md)")
-
-
 def _select(request, row, cc) -> bool:
     if cc == 90:
         return request["kind"] == "variants" or request["card"] == "H100"
@@ -196,9 +181,8 @@ def _select(request, row, cc) -> bool:
 @pytest.fixture(scope="session")
 def compiled():
     pytest.importorskip("triton")
-    legacy = not HAS_PLANS
-    col = bk.collect([{"kind": "variants"}] + bk.bench_requests(), (90, 80, 89), legacy, select=_select)
-    return col, bk.compile_collected(col, legacy, workers=2)
+    col = bk.collect([{"kind": "variants"}] + bk.bench_requests(), (90, 80, 89), select=_select)
+    return col, bk.compile_collected(col, workers=2)
 
 
 def _bench_launches(col, results, card="H100", cc=90):
@@ -263,7 +247,6 @@ def test_report_says_it_is_a_static_proxy(compiled):
         assert h["bandwidth_bound_us"] >= h["one_read_us"] > 0
 
 
-@NEEDS_PLANS
 def test_no_barrier_inside_loops_that_stream_x(compiled):
     results = compiled[1]
     bad = [f"sm_90 {bk.request_label(r['job']['request'])} launch {r['job']['launch']}: loop {lp['source']} "
@@ -288,7 +271,6 @@ def test_row_alignment_bits():
     assert row_alignment_bits({**r, "layout": "channels_last"}) == 128
 
 
-@NEEDS_PLANS
 def test_x_loads_are_as_wide_as_row_alignment_allows(compiled):
     bad = []
     for r, row, res in _bench_launches(*compiled):
@@ -302,7 +284,6 @@ def test_x_loads_are_as_wide_as_row_alignment_allows(compiled):
     assert not bad, "\n".join(bad)
 
 
-@NEEDS_PLANS
 def test_at_least_two_programs_per_sm_on_h100(compiled):
     sms = bk.CARDS["H100"].sm_count
     bad = [
