@@ -43,10 +43,10 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 ULP = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 LAYOUTS = ("nchw", "channels_last", "padded", "padded_channels_last")
-SMALL_FWD = {"BLOCK_C": 16, "BLOCK_N": 16}
+SMALL_FWD = {"BLOCK_C": 4, "BLOCK_N": 4, "tiles_per_chunk": 2}
 # More examples for a one-off soak run: BRNPA_KERNEL_EXAMPLES=200 (CI keeps 20, derandomized).
 EXAMPLES = int(os.environ.get("BRNPA_KERNEL_EXAMPLES", "20"))
-SMALL_BWD = {"KC": 2, "BLOCK_C": 16, "BLOCK_N": 16}
+SMALL_BWD = {"BLOCK_C": 4, "BLOCK_N": 2, "tiles_per_chunk": 2}
 
 
 # ---- poisoning -----------------------------------------------------------------------------
@@ -59,10 +59,13 @@ def poison_allocations(monkeypatch):
 
     monkeypatch.setattr(triton_impl, "_empty", empty)
     monkeypatch.setattr(triton_impl, "_empty_like", lambda x: torch.empty_like(x).fill_(float("nan")))
-    monkeypatch.setattr(
-        triton_impl, "_workspace",
-        lambda numel, dtype, device: torch.full((max(numel, 1),), float("nan"), dtype=dtype, device=device),
-    )
+    monkeypatch.setattr(triton_impl, "_workspace", poisoned_workspace)
+
+
+def poisoned_workspace(numel, dtype, device):
+    """NaN for float workspaces, -7 (an impossible position or count) for integer ones."""
+    fill = -7 if not dtype.is_floating_point else float("nan")
+    return torch.full((max(numel, 1),), fill, dtype=dtype, device=device)
 
 
 # ---- inputs --------------------------------------------------------------------------------
@@ -410,15 +413,6 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         brnpa_triton.brnpa(torch.rand(1, 2, 3, 3), 2, backend="triton")
-
-
-def test_configs_are_finite():
-    cfgs = triton_impl.all_configs()
-    assert 1 <= len(cfgs["forward"]) <= 8 and 1 <= len(cfgs["backward"]) <= 16
-    for kernel, items in cfgs.items():
-        for _, cfg in items:
-            assert all(isinstance(v, int) and v > 0 for v in cfg.values()), cfg
-            assert math.log2(cfg["BLOCK_C"]).is_integer() and math.log2(cfg["BLOCK_N"]).is_integer()
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
