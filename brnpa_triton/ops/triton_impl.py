@@ -106,6 +106,23 @@ def _unit_strides(strides: tuple, layout: int, align: int) -> tuple:
     return tuple(s // align if i != (2 if layout == N_CONTIGUOUS else 1) else 0 for i, s in enumerate(strides))
 
 
+def _pow2_divisor(value: int, cap: int = 16) -> int:
+    """Largest power of two, at most ``cap``, that divides ``value``."""
+    align = cap
+    while value % align:
+        align //= 2
+    return align
+
+
+def _size_hints(C: int, N: int) -> dict:
+    """C and N are passed divided by these (see ``kernels.common.from_units``)."""
+    return dict(C_ALIGN=_pow2_divisor(C), N_ALIGN=_pow2_divisor(N))
+
+
+def _sizes(launch: Launch, C: int, N: int, K: int, S: int) -> dict:
+    return dict(C=C // launch.constexprs["C_ALIGN"], N=N // launch.constexprs["N_ALIGN"], K=K, S=S)
+
+
 def _part_group(K: int) -> int:
     """Parts multiplied by a tile at once in the backward: K rounded up to a power of two, at most 4."""
     return min(4, 1 << max(0, (K - 1).bit_length()))
@@ -265,14 +282,14 @@ def forward_plan(B, C, N, K, dtype, x_strides, *, refine=True, given_seeds=False
     ints = dict(zip(("stride_xb", "stride_xc", "stride_xn"), _unit_strides(tuple(x_strides), layout, align)))
     sums_bytes = B * S * C * acc_size if refine else 0
 
-    norms_cx = dict(common, BLOCK_C=block_c, BLOCK_N=block_n, ACC=ACC)
+    norms_cx = dict(common, BLOCK_C=block_c, BLOCK_N=block_n, **_size_hints(C, N), ACC=ACC)
     sig, attrs = _signature(forward_kernels.forward_norms_kernel, norms_cx, dict(
         x_ptr=x_name, norms_ptr=x_name, saved_norms_ptr=acc_name, scores_ptr=acc_name, cand_score_ptr=acc_name,
         cand_index_ptr="i32", sums_ptr=acc_name, ticket_ptr="i32"), _big(ints))
     norms = Launch("forward.norms", forward_kernels.forward_norms_kernel, (B, S), sig, norms_cx, attrs, dict(WARPS),
                    1, x_bytes, B * N * (esize + 2 * acc_size) + sums_bytes)
 
-    part_cx = dict(common, BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_S=BLOCK_S, ACC=ACC)
+    part_cx = dict(common, BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_S=BLOCK_S, **_size_hints(C, N), ACC=ACC)
     sig, attrs = _signature(forward_kernels.forward_part_kernel, part_cx, dict(
         x_ptr=x_name, seeds_ptr="i64", saved_norms_ptr=acc_name, scores_ptr=acc_name, sims_ptr=acc_name,
         part_sums_ptr=acc_name, part_abs_ptr=acc_name, cand_score_ptr=acc_name, cand_index_ptr="i32",
@@ -281,7 +298,7 @@ def forward_plan(B, C, N, K, dtype, x_strides, *, refine=True, given_seeds=False
                   x_bytes + B * N * 3 * acc_size, B * N * 2 * acc_size + sums_bytes)
 
     final_cx = dict(common, BY_ACTIVITY=bool(by_activity), BLOCK_C=FINAL_BLOCK_C, BLOCK_N=FINAL_BLOCK_N,
-                    BLOCK_S=BLOCK_S, BLOCK_K=BLOCK_K, ACC=ACC)
+                    BLOCK_S=BLOCK_S, BLOCK_K=BLOCK_K, **_size_hints(C, N), ACC=ACC)
     sig, attrs = _signature(forward_kernels.forward_final_kernel, final_cx, dict(
         x_ptr=x_name, seeds_ptr="i64", cand_score_ptr=acc_name, cand_index_ptr="i32", part_sums_ptr=acc_name,
         part_abs_ptr=acc_name, sims_ptr=acc_name, sums_ptr=acc_name, vectors_ws_ptr=acc_name, squares_ptr=acc_name,
@@ -316,7 +333,7 @@ def backward_plan(B, C, N, K, dtype, x_strides, *, refine=True, sm_count=None, d
     flags = dict(LAYOUT=layout, ALIGN=align, DX_LAYOUT=dx_layout, DX_ALIGN=dx_align, REFINE=bool(refine),
                  HAS_GRAD_VECTORS=has_vectors, HAS_GRAD_ACTIVITY=has_activity)
     dx_cx = dict(flags, HAS_GRAD_MAPS=has_maps, HAS_GRAD_NORMS=has_norms, KG=_part_group(K), BLOCK_C=block_c,
-                 BLOCK_N=block_n, ACC=_triton_dtype(dtype))
+                 BLOCK_N=block_n, **_size_hints(C, N), ACC=_triton_dtype(dtype))
     sig, attrs = _signature(backward_kernels.backward_dx_kernel, dx_cx, dict(
         x_ptr=x_name, dx_ptr=x_name, gvec_ptr=x_name, gmap_ptr=x_name, gact_ptr=x_name, gnorm_ptr=x_name,
         vec_ptr=x_name, maps_ptr=x_name, indices_ptr="i64", norms_ptr=acc_name, inv_sums_ptr=acc_name,
@@ -324,7 +341,7 @@ def backward_plan(B, C, N, K, dtype, x_strides, *, refine=True, sm_count=None, d
     small = B * K * (2 * C + 2 * N) * esize + B * N * (esize + acc_size)
     dx = Launch("backward.dx", backward_kernels.backward_dx_kernel, (B, S), sig, dx_cx, attrs, dict(WARPS), 1,
                 x_bytes + small, x_bytes + B * K * (S * C + N) * acc_size)
-    seeds_cx = dict(flags, BLOCK_C=FINAL_BLOCK_C, BLOCK_S=BLOCK_S, ACC=_triton_dtype(dtype))
+    seeds_cx = dict(flags, BLOCK_C=FINAL_BLOCK_C, BLOCK_S=BLOCK_S, **_size_hints(C, N), ACC=_triton_dtype(dtype))
     sig, attrs = _signature(backward_kernels.backward_seeds_kernel, seeds_cx, dict(
         x_ptr=x_name, dx_ptr=x_name, gvec_ptr=x_name, gact_ptr=x_name, vec_ptr=x_name, indices_ptr="i64",
         norms_ptr=acc_name, totals_ptr=acc_name, u_sums_ptr=acc_name, w_sums_ptr=acc_name), _big(ints))
@@ -409,7 +426,7 @@ def forward(
     seed_strides = dict(seeds_stride_b=seeds.stride(0), seeds_stride_k=seeds.stride(1))
     layout, align = norms_launch.constexprs["LAYOUT"], norms_launch.constexprs["ALIGN"]
     strides = dict(zip(("stride_xb", "stride_xc", "stride_xn"), _unit_strides(x.stride(), layout, align)))
-    sizes = dict(C=C, N=N, K=K, S=S)
+    sizes = _sizes(norms_launch, C, N, K, S)
     with _device_guard(dev):
         _run(norms_launch, dict(x_ptr=x, norms_ptr=norms, saved_norms_ptr=saved_norms, scores_ptr=ws["scores"],
                                 cand_score_ptr=ws["cand_score"], cand_index_ptr=ws["cand_index"], sums_ptr=ws["sums"],
@@ -470,7 +487,7 @@ def backward(
     strides = dict(zip(("stride_xb", "stride_xc", "stride_xn"), _unit_strides(x.stride(), cx["LAYOUT"], cx["ALIGN"])))
     strides.update(zip(("stride_db", "stride_dc", "stride_dn"),
                        _unit_strides(dx.stride(), cx["DX_LAYOUT"], cx["DX_ALIGN"])))
-    sizes = dict(C=C, N=N, K=K, S=S)
+    sizes = _sizes(dx_launch, C, N, K, S)
     with _device_guard(dev):
         _run(dx_launch, dict(x_ptr=x, dx_ptr=dx, gvec_ptr=g_vec, gmap_ptr=g_map, gact_ptr=g_act, gnorm_ptr=g_norm,
                              vec_ptr=vectors, maps_ptr=maps, indices_ptr=indices, norms_ptr=saved_norms,

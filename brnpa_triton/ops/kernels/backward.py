@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 
 from brnpa_triton.ops.kernels.common import (
+    INTEGER_ARGS,
+    from_units,
     EPS_C,
     acc_const,
     acc_sqrt,
@@ -175,7 +177,7 @@ def _tile_dx(x_b, dx_b, offs_n, radial, K, u_coef_b, maps_b, indices_b, norms_b,
         tl.store(dx_b + offsets, dx.to(dx_b.dtype.element_ty), mask=(offs_c < C)[:, None] & valid_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=INTEGER_ARGS["backward_dx_kernel"])
 def backward_dx_kernel(
     x_ptr, dx_ptr,  # (B, C, N), each with its layout; strides in units of (DX_)ALIGN when contiguous
     gvec_ptr, gmap_ptr, gact_ptr, gnorm_ptr,  # gradients (B,K,C), (B,K,N), (B,K), (B,N), contiguous (HAS_*)
@@ -189,10 +191,12 @@ def backward_dx_kernel(
     LAYOUT: tl.constexpr, ALIGN: tl.constexpr, DX_LAYOUT: tl.constexpr, DX_ALIGN: tl.constexpr,
     REFINE: tl.constexpr, HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_MAPS: tl.constexpr,
     HAS_GRAD_ACTIVITY: tl.constexpr, HAS_GRAD_NORMS: tl.constexpr,
-    KG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+    KG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, C_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, ACC: tl.constexpr,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
+    C = from_units(C, C_ALIGN)
+    N = from_units(N, N_ALIGN)
     b64 = b.to(tl.int64)
     x_b = image_base(x_ptr, b, stride_xb, LAYOUT, ALIGN)
     dx_b = image_base(dx_ptr, b, stride_db, DX_LAYOUT, DX_ALIGN)
@@ -281,7 +285,7 @@ def _seed_correction(x_b, k, seed, c_offs, c_stop, u_sums_b, w_sums_b, norms_b, 
     return correction
 
 
-@triton.jit
+@triton.jit(do_not_specialize=INTEGER_ARGS["backward_seeds_kernel"])
 def backward_seeds_kernel(
     x_ptr, dx_ptr,
     gvec_ptr, gact_ptr, vec_ptr, indices_ptr, norms_ptr,
@@ -290,10 +294,12 @@ def backward_seeds_kernel(
     stride_xb, stride_xc, stride_xn, stride_db, stride_dc, stride_dn,
     LAYOUT: tl.constexpr, ALIGN: tl.constexpr, DX_LAYOUT: tl.constexpr, DX_ALIGN: tl.constexpr,
     REFINE: tl.constexpr, HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_ACTIVITY: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, C_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, ACC: tl.constexpr,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
+    C = from_units(C, C_ALIGN)
+    N = from_units(N, N_ALIGN)
     b64 = b.to(tl.int64)
     x_b = image_base(x_ptr, b, stride_xb, LAYOUT, ALIGN)
     dx_b = image_base(dx_ptr, b, stride_db, DX_LAYOUT, DX_ALIGN)

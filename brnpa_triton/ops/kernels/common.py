@@ -13,6 +13,7 @@ Conventions of every kernel:
   arrive divided by ``ALIGN`` (a power of two chosen by the launcher), so the compiler knows
   that rows start ALIGN-element aligned (e.g. 784-byte rows at N = 196 in fp32) and loads
   them 128 bits wide.
+* C and N arrive divided by ``C_ALIGN`` / ``N_ALIGN`` (``from_units``), for the same reason.
 * Everything is computed in ``ACC`` (float32, or float64 for float64 input); loads are upcast
   right away. Integer arguments may be specialised by Triton, so nothing calls methods on them.
 """
@@ -24,6 +25,16 @@ from brnpa_triton.ops.common import DEGENERATE_SUM_RATIO, EPS
 
 EPS_C = tl.constexpr(EPS)
 RATIO_C = tl.constexpr(DEGENERATE_SUM_RATIO)
+
+# Integer arguments of each kernel: never specialised (no recompilation when one equals 1 or is
+# a multiple of 16); the launchers give the alignment facts as constexprs instead.
+INTEGER_ARGS = {
+    'forward_norms_kernel': ['C', 'N', 'K', 'S', 'tiles_per_chunk', 'stride_xb', 'stride_xc', 'stride_xn'],
+    'forward_part_kernel': ['part', 'C', 'N', 'K', 'S', 'tiles_per_chunk', 'stride_xb', 'stride_xc', 'stride_xn', 'seeds_stride_b', 'seeds_stride_k'],
+    'forward_final_kernel': ['C', 'N', 'K', 'S', 'c_per_program', 'stride_xb', 'stride_xc', 'stride_xn', 'seeds_stride_b', 'seeds_stride_k'],
+    'backward_dx_kernel': ['C', 'N', 'K', 'S', 'tiles_per_chunk', 'stride_xb', 'stride_xc', 'stride_xn', 'stride_db', 'stride_dc', 'stride_dn'],
+    'backward_seeds_kernel': ['C', 'N', 'K', 'S', 'c_per_program', 'stride_xb', 'stride_xc', 'stride_xn', 'stride_db', 'stride_dc', 'stride_dn'],
+}
 
 # Layouts of x (and dx): which of its strides is 1.
 N_CONTIGUOUS = tl.constexpr(0)
@@ -44,6 +55,14 @@ def acc_sqrt(v, ACC: tl.constexpr):
         return tl.sqrt(v)
     else:
         return tl.sqrt_rn(v)
+
+
+@triton.jit
+def from_units(units, ALIGN: tl.constexpr):
+    """A size the launcher passed divided by ALIGN, a power of two that divides it. The
+    compiler then knows the size is a multiple of ALIGN, so a mask ``offsets < size`` is uniform
+    over each group of ALIGN elements and a masked row of X still loads 128 bits at a time."""
+    return units * ALIGN
 
 
 @triton.jit

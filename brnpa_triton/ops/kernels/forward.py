@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 
 from brnpa_triton.ops.kernels.common import (
+    INTEGER_ARGS,
+    from_units,
     EPS_C,
     STRIDED,
     acc_const,
@@ -117,7 +119,7 @@ def _tile_norms(x_b, offs_n, valid_n, C, N, stride_c, stride_n, sums_ptr, accumu
     return norms
 
 
-@triton.jit
+@triton.jit(do_not_specialize=INTEGER_ARGS["forward_norms_kernel"])
 def forward_norms_kernel(
     x_ptr,  # (B, C, N), strides in units of ALIGN for contiguous layouts
     norms_ptr, saved_norms_ptr,  # outputs (B, N): x.dtype (saturating) and ACC
@@ -128,10 +130,12 @@ def forward_norms_kernel(
     C, N, K, S, tiles_per_chunk,
     stride_xb, stride_xc, stride_xn,
     LAYOUT: tl.constexpr, ALIGN: tl.constexpr, REFINE: tl.constexpr, GIVEN_SEEDS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, C_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, ACC: tl.constexpr,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
+    C = from_units(C, C_ALIGN)
+    N = from_units(N, N_ALIGN)
     x_b = image_base(x_ptr, b, stride_xb, LAYOUT, ALIGN)
     row = b.to(tl.int64) * N
     chunk_sums = sums_ptr + ((b.to(tl.int64) * (K + 1) + K) * S + s) * C
@@ -190,7 +194,7 @@ def _tile_weighted_sum(x_b, offs_n, sims, sums_ptr, accumulate, C, N, stride_c, 
         tl.store(sums_ptr + offs_c, previous + tl.sum(tile * sims[None, :], axis=1), mask=offs_c < C)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=INTEGER_ARGS["forward_part_kernel"])
 def forward_part_kernel(
     x_ptr, seeds_ptr,  # x (B, C, N); given seeds (B, K) int64 (GIVEN_SEEDS)
     saved_norms_ptr,  # (B, N) ACC, from the norms launch
@@ -202,10 +206,12 @@ def forward_part_kernel(
     part, C, N, K, S, tiles_per_chunk,
     stride_xb, stride_xc, stride_xn, seeds_stride_b, seeds_stride_k,
     LAYOUT: tl.constexpr, ALIGN: tl.constexpr, REFINE: tl.constexpr, GIVEN_SEEDS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, C_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, ACC: tl.constexpr,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
+    C = from_units(C, C_ALIGN)
+    N = from_units(N, N_ALIGN)
     x_b = image_base(x_ptr, b, stride_xb, LAYOUT, ALIGN)
     row = b.to(tl.int64) * N
     eps = acc_const(EPS_C, ACC)
@@ -354,7 +360,7 @@ def _write_ranked_outputs(x_b, b, seeds_ptr, seeds_stride_b, seeds_stride_k, can
             tl.store(maps_ptr + out * N + offs_n, cast_saturating(a, maps_ptr + out * N + offs_n), mask=offs_n < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=INTEGER_ARGS["forward_final_kernel"])
 def forward_final_kernel(
     x_ptr, seeds_ptr,
     cand_score_ptr, cand_index_ptr, part_sums_ptr, part_abs_ptr, sims_ptr, sums_ptr,  # from the part launches
@@ -367,10 +373,12 @@ def forward_final_kernel(
     stride_xb, stride_xc, stride_xn, seeds_stride_b, seeds_stride_k,
     LAYOUT: tl.constexpr, ALIGN: tl.constexpr, REFINE: tl.constexpr, GIVEN_SEEDS: tl.constexpr,
     BY_ACTIVITY: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_K: tl.constexpr, C_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, ACC: tl.constexpr,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
+    C = from_units(C, C_ALIGN)
+    N = from_units(N, N_ALIGN)
     x_b = image_base(x_ptr, b, stride_xb, LAYOUT, ALIGN)
     _vectors_slice(x_b, b, s, seeds_ptr, seeds_stride_b, seeds_stride_k, cand_score_ptr, cand_index_ptr,
                    part_sums_ptr, part_abs_ptr, sums_ptr, vectors_ws_ptr, squares_ptr, C, N, K, S, c_per_program,
