@@ -129,9 +129,11 @@ def _tile_part_dots(x_b, offs_n, offs_k, valid_k, seeds, seeds_valid, inv_rho_se
     """(dot(x_n, r_k / rho_ik), gV_k . x_n) for one tile of positions and a group of parts, (KG, BLOCK_N)."""
     seed_dots = tl.zeros([KG, BLOCK_N], ACC)
     grad_dots = tl.zeros([KG, BLOCK_N], ACC)
+    # The next tile's loads are issued before this one is used: two tiles in flight.
+    tile = load_tile(x_b, tl.arange(0, BLOCK_C), offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
     for c0 in range(0, C, BLOCK_C):  # streams X
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        tile = load_tile(x_b, offs_c, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+        upcoming = load_tile(x_b, offs_c + BLOCK_C, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
         rows = _seed_rows(x_b, seeds, seeds_valid, offs_c, C, stride_c, stride_n, LAYOUT, ALIGN, ACC)
         seed_dots += tl.sum((rows * inv_rho_seed[:, None])[:, :, None] * tile[None, :, :], axis=1)
         if WITH_GRAD:
@@ -139,6 +141,7 @@ def _tile_part_dots(x_b, offs_n, offs_k, valid_k, seeds, seeds_valid, inv_rho_se
             g = _grad_vectors(gvec_b, vec_b, gact_b, lengths, offs_k, valid_k, offs_c, mask, C, HAS_GRAD_VECTORS,
                               HAS_GRAD_ACTIVITY, KG, BLOCK_C, ACC)
             grad_dots += tl.sum(g[:, :, None] * tile[None, :, :], axis=1)
+        tile = upcoming
     return seed_dots, grad_dots
 
 
@@ -151,9 +154,11 @@ def _tile_dx(x_b, dx_b, offs_n, radial, K, u_coef_b, maps_b, indices_b, norms_b,
     """Writes dx for one tile (second look at the tile, from cache) and adds the tile's
     sum_n U_kn x_n to the chunk's partial u_k."""
     valid_n = offs_n < N
+    # The next tile's loads are issued before this one is used: two tiles in flight.
+    tile = load_tile(x_b, tl.arange(0, BLOCK_C), offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
     for c0 in range(0, C, BLOCK_C):  # streams X
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        tile = load_tile(x_b, offs_c, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+        upcoming = load_tile(x_b, offs_c + BLOCK_C, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
         dx = radial[None, :] * tile
         for k0 in range(0, K, KG):
             offs_k, valid_k, seeds, seeds_valid, inv_rho_seed = _part_group(indices_b, norms_b, k0, K, N, KG, ACC)
@@ -175,6 +180,7 @@ def _tile_dx(x_b, dx_b, offs_n, radial, K, u_coef_b, maps_b, indices_b, norms_b,
             tl.store(u_ptrs, previous + u_tile, mask=mask_kc)
         offsets = tile_offsets(offs_c, offs_n, stride_dc, stride_dn, DX_LAYOUT, DX_ALIGN)
         tl.store(dx_b + offsets, dx.to(dx_b.dtype.element_ty), mask=(offs_c < C)[:, None] & valid_n[None, :])
+        tile = upcoming
 
 
 @triton.jit(do_not_specialize=INTEGER_ARGS["backward_dx_kernel"])

@@ -71,14 +71,17 @@ def _tile_sums_of_squares(x_b, offs_n, C, N, stride_c, stride_n, sums_ptr, accum
     tile's sum over positions to the chunk's sum_n x_n (stored, not added, unless ``accumulate``)."""
     squares = tl.zeros([BLOCK_C, BLOCK_N], ACC)
     largest = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    # The next tile's loads are issued before this one is used: two tiles in flight.
+    tile = load_tile(x_b, tl.arange(0, BLOCK_C), offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
     for c0 in range(0, C, BLOCK_C):  # streams X
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        tile = load_tile(x_b, offs_c, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+        upcoming = load_tile(x_b, offs_c + BLOCK_C, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
         squares += tile * tile
         largest = tl.maximum(largest, tl.abs(tile))
         if REFINE:
             previous = tl.load(sums_ptr + offs_c, mask=offs_c < bound_if(accumulate, C), other=0.0)
             tl.store(sums_ptr + offs_c, previous + tl.sum(tile, axis=1), mask=offs_c < C)
+        tile = upcoming
     return tl.sum(squares, axis=0), tl.max(largest, axis=0)
 
 
@@ -166,19 +169,23 @@ def forward_norms_kernel(
 
 @triton.jit
 def _tile_seed_dots(x_b, offs_n, seed, seed_valid, inv_rho_seed, previous_sims, fold_sums_ptr, fold, accumulate,
-                    C, N, stride_c, stride_n, LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
+                    C, N, stride_c, stride_n, LAYOUT: tl.constexpr, ALIGN: tl.constexpr, REFINE: tl.constexpr,
                     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
     """dot(x_n, r / rho_seed) for one tile of positions; when ``fold``, the same loads also add
     sum_n previous_sims_n x_n (the previous part's weighted sum) to the chunk's partial."""
     dots = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    # The next tile's loads are issued before this one is used: two tiles in flight.
+    tile = load_tile(x_b, tl.arange(0, BLOCK_C), offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
     for c0 in range(0, C, BLOCK_C):  # streams X
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        tile = load_tile(x_b, offs_c, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+        upcoming = load_tile(x_b, offs_c + BLOCK_C, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
         seed_row = load_column(x_b, offs_c, seed, seed_valid, C, stride_c, stride_n, LAYOUT, ALIGN, ACC)
         dots += tile * (seed_row * inv_rho_seed)[:, None]
-        folded = tl.sum(tile * previous_sims[None, :], axis=1)
-        previous = tl.load(fold_sums_ptr + offs_c, mask=offs_c < bound_if(fold & accumulate, C), other=0.0)
-        tl.store(fold_sums_ptr + offs_c, previous + folded, mask=offs_c < bound_if(fold, C))
+        if REFINE:
+            folded = tl.sum(tile * previous_sims[None, :], axis=1)
+            previous = tl.load(fold_sums_ptr + offs_c, mask=offs_c < bound_if(fold & accumulate, C), other=0.0)
+            tl.store(fold_sums_ptr + offs_c, previous + folded, mask=offs_c < bound_if(fold, C))
+        tile = upcoming
     return tl.sum(dots, axis=0)
 
 
@@ -187,11 +194,14 @@ def _tile_weighted_sum(x_b, offs_n, sims, sums_ptr, accumulate, C, N, stride_c, 
                        ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """Adds sum_n sims_n x_n over one tile to the chunk's partial: the last part's second look at
     a tile it has just read (from cache)."""
+    # The next tile's loads are issued before this one is used: two tiles in flight.
+    tile = load_tile(x_b, tl.arange(0, BLOCK_C), offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
     for c0 in range(0, C, BLOCK_C):  # streams X
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        tile = load_tile(x_b, offs_c, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+        upcoming = load_tile(x_b, offs_c + BLOCK_C, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
         previous = tl.load(sums_ptr + offs_c, mask=offs_c < bound_if(accumulate, C), other=0.0)
         tl.store(sums_ptr + offs_c, previous + tl.sum(tile * sims[None, :], axis=1), mask=offs_c < C)
+        tile = upcoming
 
 
 @triton.jit(do_not_specialize=INTEGER_ARGS["forward_part_kernel"])
@@ -239,7 +249,7 @@ def forward_part_kernel(
         previous_sims = tl.load(sims_ptr + (row * K + (part - 1) * N) + offs_n,
                                 mask=offs_n < bound_if(fold, N), other=0.0)
         dots = _tile_seed_dots(x_b, offs_n, seed, seed_valid, inv_rho_seed, previous_sims, fold_sums, fold, t > 0,
-                               C, N, stride_xc, stride_xn, LAYOUT, ALIGN, BLOCK_C, BLOCK_N, ACC)
+                               C, N, stride_xc, stride_xn, LAYOUT, ALIGN, REFINE, BLOCK_C, BLOCK_N, ACC)
         sims = tl.where(valid_n, dots / rho, 0.0)
         tl.store(sims_ptr + (row * K + part * N) + offs_n, sims, mask=valid_n)
         total += tl.sum(sims, axis=0)
