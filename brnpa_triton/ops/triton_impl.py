@@ -40,13 +40,13 @@ WARPS = {"num_warps": 1}  # every reduction stays within a warp: no barrier in l
 # (BLOCK_C, BLOCK_N) of the tiles that stream X: 32 elements a thread (fewer in float64), and
 # 128-bit loads along the contiguous dimension whenever the rows are aligned.
 _FORWARD_TILES = {
-    (N_CONTIGUOUS, 4): (64, 16), (N_CONTIGUOUS, 2): (32, 32), (N_CONTIGUOUS, 8): (64, 8),
+    (N_CONTIGUOUS, 4): (64, 16), (N_CONTIGUOUS, 2): (64, 16), (N_CONTIGUOUS, 8): (64, 8),
     (C_CONTIGUOUS, 4): (128, 8), (C_CONTIGUOUS, 2): (256, 4), (C_CONTIGUOUS, 8): (64, 8),
     (STRIDED, 4): (32, 16), (STRIDED, 2): (32, 16), (STRIDED, 8): (32, 8),
 }
 # The backward multiplies each tile by KG parts at once: tiles of 16 elements a thread.
 _BACKWARD_TILES = {
-    (N_CONTIGUOUS, 4): (32, 16), (N_CONTIGUOUS, 2): (16, 32), (N_CONTIGUOUS, 8): (32, 8),
+    (N_CONTIGUOUS, 4): (32, 16), (N_CONTIGUOUS, 2): (32, 16), (N_CONTIGUOUS, 8): (32, 8),
     (C_CONTIGUOUS, 4): (128, 4), (C_CONTIGUOUS, 2): (256, 2), (C_CONTIGUOUS, 8): (64, 4),
     (STRIDED, 4): (16, 16), (STRIDED, 2): (16, 16), (STRIDED, 8): (16, 8),
 }
@@ -267,14 +267,14 @@ def forward_plan(B, C, N, K, dtype, x_strides, *, refine=True, given_seeds=False
     ``config`` (tests) may force ``BLOCK_C``, ``BLOCK_N`` and ``tiles_per_chunk``.
     """
     layout = _layout(tuple(x_strides))
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     align = _alignment(tuple(x_strides), layout, esize)
-    block_c, block_n = _FORWARD_TILES[(layout, min(esize, 8) if esize != 2 else 2)]
+    block_c, block_n = _FORWARD_TILES[(layout, esize)]
     block_c, block_n = _config(config, "BLOCK_C", block_c), _config(config, "BLOCK_N", block_n)
     sms = _sm_count() if sm_count is None else sm_count
     S, tiles_per_chunk = chunking(B, N, block_n, sms, _config(config, "tiles_per_chunk", None))
     acc = accumulation_dtype(dtype)
-    acc_size = torch.empty((), dtype=acc).element_size()
+    acc_size = acc.itemsize
     acc_name, x_name = _TYPE_NAMES[acc], _TYPE_NAMES[dtype]
     ACC = _triton_dtype(dtype)
     common = dict(LAYOUT=layout, ALIGN=align, REFINE=bool(refine), GIVEN_SEEDS=bool(given_seeds))
@@ -317,14 +317,14 @@ def backward_plan(B, C, N, K, dtype, x_strides, *, refine=True, sm_count=None, d
     x_strides = tuple(x_strides)
     dx_strides = x_strides if dx_strides is None else tuple(dx_strides)
     layout, dx_layout = _layout(x_strides), _layout(dx_strides)
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     align, dx_align = _alignment(x_strides, layout, esize), _alignment(dx_strides, dx_layout, esize)
-    block_c, block_n = _BACKWARD_TILES[(layout, esize if esize != 2 else 2)]
+    block_c, block_n = _BACKWARD_TILES[(layout, esize)]
     block_c, block_n = _config(config, "BLOCK_C", block_c), _config(config, "BLOCK_N", block_n)
     sms = _sm_count() if sm_count is None else sm_count
     S, _ = chunking(B, N, block_n, sms, _config(config, "tiles_per_chunk", None))
     acc = accumulation_dtype(dtype)
-    acc_size = torch.empty((), dtype=acc).element_size()
+    acc_size = acc.itemsize
     acc_name, x_name = _TYPE_NAMES[acc], _TYPE_NAMES[dtype]
     has_vectors, has_maps, has_activity, has_norms = (bool(g) for g in grads)
     ints = dict(zip(("stride_xb", "stride_xc", "stride_xn"), _unit_strides(x_strides, layout, align)))
