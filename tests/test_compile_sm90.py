@@ -1,12 +1,10 @@
-"""Compile every kernel variant the launchers can launch for Hopper (sm_90), without a GPU,
-and check the cubins for register spills (no LOCAL memory, no STACK frame).
+"""Compile the kernels for Hopper (sm_90), without a GPU, and check the cubins for register
+spills (no LOCAL memory, no STACK frame).
 
-A variant is (kernel, block configuration from ``triton_impl.all_configs()``, input dtype,
-refine, given seeds, layout). The layout matters because Triton specialises integer
-arguments equal to 1: NCHW launches get ``stride_n == 1`` (loads vectorised along N),
-channels_last and (B, N, C) tokens get ``stride_c == 1``. Pointers carry the 16-byte
-divisibility a torch allocation has; strides carry none (N = 196 is not a multiple of 16),
-which is the register-hungry case (one 64-bit address per element).
+The launches compiled are those of ``triton_impl.plan_variants()`` at the benchmark dtypes and
+layouts (float32 and bfloat16, NCHW and channels_last) plus float16 and float64 NCHW: each
+plan's signature, constexprs, alignment attributes and compiler options are exactly what the
+launchers use. (``python -m bench.kernels`` compiles every variant, for more targets.)
 
 The conftest turns the Triton interpreter on for the whole test process, under which
 ``triton.jit`` builds interpreted functions that cannot be compiled; so the compilation runs
@@ -23,66 +21,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-LAYOUTS = {
-    "nchw": ("stride_xn", "stride_dn"),
-    "channels_last": ("stride_xc", "stride_dc"),
-    # C, N and the strides multiples of 16 (C = 2048): the loads vectorise (fp32, bf16 only)
-    "channels_last_aligned": ("stride_xc", "stride_dc"),
-}
-ALIGNED = {"channels_last_aligned"}
 WORKERS = 2
+CHECKED = ("fp32 nchw", "fp32 channels_last", "bf16 nchw", "bf16 channels_last", "fp16 nchw", "fp64 nchw")
 
 
 def variants() -> list[dict]:
     from brnpa_triton.ops import triton_impl
 
     out = []
-    for kernel, items in triton_impl.all_configs().items():
-        for dtype, cfg in items:
-            for refine in (True, False):
-                for seeds in ((False, True) if kernel == "forward" else (False,)):
-                    for layout in LAYOUTS:
-                        if layout in ALIGNED and dtype not in (torch.float32, torch.bfloat16):
-                            continue
-                        out.append(dict(kernel=kernel, config=cfg, dtype=DTYPE_NAMES[dtype], refine=refine,
-                                        seeds=seeds, layout=layout))
+    for name, plan in triton_impl.plan_variants():
+        if not any(f" {key} " in f" {name} " for key in CHECKED):
+            continue
+        for index, launch in enumerate(plan):
+            out.append(dict(variant=name, index=index, launch=launch.name))
     return out
 
 
 # ---- worker side (TRITON_INTERPRET=0) ---------------------------------------------------
-
-def _signature(fn, v: dict):
-    import triton.language as tl
-
-    acc = "fp64" if v["dtype"] == "fp64" else "fp32"
-    ptr_types = {"seeds_ptr": "*i64", "idx_ptr": "*i64", "inv_ptr": f"*{acc}", "ws_ptr": f"*{acc}"}
-    from brnpa_triton.ops import triton_impl
-
-    options = triton_impl.launch_options(v["config"])
-    cfg = triton_impl.block_sizes(v["config"])
-    constexprs = {"REFINE": v["refine"], "ACC": tl.float64 if acc == "fp64" else tl.float32, **cfg}
-    if v["kernel"] == "forward":
-        constexprs["GIVEN_SEEDS"] = v["seeds"]
-    for name in LAYOUTS[v["layout"]]:
-        if name in fn.arg_names:
-            constexprs[name] = 1
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = ptr_types.get(name, f"*{v['dtype']}")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "i32"
-            if v["layout"] in ALIGNED and name != "K":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return signature, constexprs, attrs, options
-
 
 def _ast_source(fn, signature, constexprs, attrs):
     """ASTSource across Triton versions: name-keyed (>= 3.2) or index-keyed (3.0/3.1)."""
@@ -117,19 +73,18 @@ def compile_variant(v: dict) -> dict:
         from triton.backends.compiler import GPUTarget
     except ImportError:  # older layout
         from triton.compiler.compiler import GPUTarget
-    from brnpa_triton.ops import kernels
+    from brnpa_triton.ops import triton_impl
 
-    fn = kernels.brnpa_forward_kernel if v["kernel"] == "forward" else kernels.brnpa_backward_kernel
-    signature, constexprs, attrs, options = _signature(fn, v)
-    src = _ast_source(fn, signature, constexprs, attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    launch = dict(triton_impl.plan_variants())[v["variant"]][v["index"]]
+    src = _ast_source(launch.kernel, launch.signature, launch.constexprs, launch.attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch.options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
                               check=True, capture_output=True, text=True).stdout
     usage = {k: int(n) for k, n in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
-    return {**v, **usage, **options}
+    return {**v, **usage, **launch.options}
 
 
 def _worker() -> None:
@@ -164,16 +119,13 @@ def compile_all(todo: list[dict], workers: int = WORKERS) -> list[dict]:
 
 
 def format_table(results: list[dict]) -> str:
-    lines = [f"{'kernel':9} {'config':50} {'dtype':5} {'refine':6} {'seeds':5} {'layout':21} "
-             f"{'maxnreg':>7} {'REG':>4} {'STACK':>5} {'LOCAL':>5} {'SHARED':>6}"]
+    lines = [f"{'variant':80} {'launch':15} {'warps':>5} {'REG':>4} {'STACK':>5} {'LOCAL':>5} {'SHARED':>6}"]
     for r in results:
-        cfg = ",".join(f"{k}={v}" for k, v in r["config"].items())
         if "error" in r:
-            lines.append(f"{r['kernel']:9} {cfg:50} {r['dtype']:5} ERROR {r['error'][:200]}")
+            lines.append(f"{r['variant']:80} {r['launch']:15} ERROR {r['error'][:200]}")
             continue
-        lines.append(f"{r['kernel']:9} {cfg:50} {r['dtype']:5} {r['refine']!s:6} {r['seeds']!s:5} "
-                     f"{r['layout']:21} {r.get('maxnreg', -1):7} {r.get('REG', -1):4} {r.get('STACK', -1):5} {r.get('LOCAL', -1):5} "
-                     f"{r.get('SHARED', -1):6}")
+        lines.append(f"{r['variant']:80} {r['launch']:15} {r.get('num_warps', -1):5} {r.get('REG', -1):4} "
+                     f"{r.get('STACK', -1):5} {r.get('LOCAL', -1):5} {r.get('SHARED', -1):6}")
     return "\n".join(lines)
 
 
