@@ -169,7 +169,6 @@ def forward_workspace(B: int, C: int, N: int, K: int, S: int, refine: bool) -> d
         "cand_score": ((B, K, S), False),  # each chunk's best score before part k
         "sums": ((B, K + 1, S, C) if refine else (1,), False),  # each chunk's sum_n sim_kn x_n; slot K: sum_n x_n
         "vectors": ((B, K, C), False),  # v_k, unranked
-        "squares": ((B, K, S), False),  # each channel slice's share of ||v_k||^2
         "activity": ((B, K), False),
         "cand_index": ((B, K, S), True),  # ... and its lowest position
         "tickets": ((B,), True),  # programs of image b done with the final launch
@@ -301,8 +300,7 @@ def forward_plan(B, C, N, K, dtype, x_strides, *, refine=True, given_seeds=False
                     BLOCK_S=BLOCK_S, BLOCK_K=BLOCK_K, **_size_hints(C, N), ACC=ACC)
     sig, attrs = _signature(forward_kernels.forward_final_kernel, final_cx, dict(
         x_ptr=x_name, seeds_ptr="i64", cand_score_ptr=acc_name, cand_index_ptr="i32", part_sums_ptr=acc_name,
-        part_abs_ptr=acc_name, sims_ptr=acc_name, sums_ptr=acc_name, vectors_ws_ptr=acc_name, squares_ptr=acc_name,
-        activity_ws=acc_name, ticket_ptr="i32", vectors_ptr=x_name, maps_ptr=x_name, indices_ptr="i64",
+        part_abs_ptr=acc_name, sims_ptr=acc_name, sums_ptr=acc_name, vectors_ws_ptr=acc_name, activity_ws=acc_name, ticket_ptr="i32", vectors_ptr=x_name, maps_ptr=x_name, indices_ptr="i64",
         activity_ptr=x_name, inv_sums_ptr=acc_name), _big(ints))
     outputs = B * K * ((C + N) * esize + 8 + esize + acc_size)
     final = Launch("forward.final", forward_kernels.forward_final_kernel, (B, S), sig, final_cx, attrs, dict(WARPS), 1,
@@ -441,7 +439,7 @@ def forward(
         _run(final_launch, dict(x_ptr=x, seeds_ptr=seeds, cand_score_ptr=ws["cand_score"],
                                 cand_index_ptr=ws["cand_index"], part_sums_ptr=ws["part_sums"],
                                 part_abs_ptr=ws["part_abs"], sims_ptr=ws["sims"], sums_ptr=ws["sums"],
-                                vectors_ws_ptr=ws["vectors"], squares_ptr=ws["squares"], activity_ws=ws["activity"],
+                                vectors_ws_ptr=ws["vectors"], activity_ws=ws["activity"],
                                 ticket_ptr=ws["tickets"], vectors_ptr=vectors, maps_ptr=maps, indices_ptr=indices,
                                 activity_ptr=activity, inv_sums_ptr=inv_sums),
              c_per_program=_slice_of_channels(C, S, FINAL_BLOCK_C), **sizes, **strides, **seed_strides)

@@ -112,8 +112,8 @@ def _image_totals(gvec_b, gmap_b, gact_b, vec_b, maps_b, totals_ws, K, C, N, REF
                 for c0 in range(0, C, BLOCK_C):
                     offs_c = c0 + tl.arange(0, BLOCK_C)
                     mask = valid_k[:, None] & (offs_c < C)[None, :]
-                    g = _grad_vectors(gvec_b, vec_b, gact_b, lengths, offs_k, valid_k, offs_c, mask, C, HAS_GRAD_VECTORS,
-                                      HAS_GRAD_ACTIVITY, KG, BLOCK_C, ACC)
+                    g = _grad_vectors(gvec_b, vec_b, gact_b, lengths, offs_k, valid_k, offs_c, mask, C,
+                                      HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, ACC)
                     v = tl.load(vec_b + offs_k[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
                     products_v += g * v
                 totals += tl.sum(products_v, axis=1)
@@ -170,8 +170,8 @@ def _tile_dx(x_b, dx_b, offs_n, radial, K, u_coef_b, maps_b, indices_b, norms_b,
             if REFINE:
                 if HAS_GRAD_VECTORS or HAS_GRAD_ACTIVITY:
                     lengths = tl.load(totals_ws + K + offs_k, mask=valid_k, other=0.0)
-                    g = _grad_vectors(gvec_b, vec_b, gact_b, lengths, offs_k, valid_k, offs_c, mask_kc, C, HAS_GRAD_VECTORS,
-                                      HAS_GRAD_ACTIVITY, KG, BLOCK_C, ACC)
+                    g = _grad_vectors(gvec_b, vec_b, gact_b, lengths, offs_k, valid_k, offs_c, mask_kc, C,
+                                      HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, ACC)
                     a = tl.load(maps_b + offs_k[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0).to(ACC)
                     dx += tl.sum(a[:, None, :] * g[:, :, None], axis=0)
             u_tile = tl.sum(u_coef[:, None, :] * tile[None, :, :], axis=2)
@@ -197,7 +197,8 @@ def backward_dx_kernel(
     LAYOUT: tl.constexpr, ALIGN: tl.constexpr, DX_LAYOUT: tl.constexpr, DX_ALIGN: tl.constexpr,
     REFINE: tl.constexpr, HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_MAPS: tl.constexpr,
     HAS_GRAD_ACTIVITY: tl.constexpr, HAS_GRAD_NORMS: tl.constexpr,
-    KG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, C_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, ACC: tl.constexpr,
+    KG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    C_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, ACC: tl.constexpr,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
@@ -256,9 +257,11 @@ def backward_dx_kernel(
             previous = tl.load(w_ptrs, mask=valid_k & (offs_k < bound_if(t > 0, K)), other=0.0)
             tl.store(w_ptrs, previous + tl.sum(simbar * sims, axis=1), mask=valid_k)
         radial = tl.where(norms > 0, radial / tl.where(norms > 0, norms, one), 0.0)
+        tl.debug_barrier()  # U_kn, stored above, is reloaded by other threads
         _tile_dx(x_b, dx_b, offs_n, radial, K, u_coef_b, maps_b, indices_b, norms_b, gvec_b, vec_b, gact_b,
                  totals_ws, u_sums_b, t > 0, C, N, S, stride_xc, stride_xn, stride_dc, stride_dn, LAYOUT, ALIGN,
                  DX_LAYOUT, DX_ALIGN, REFINE, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, BLOCK_N, ACC)
+        tl.debug_barrier()  # this tile's partial u_k, w_k are stored before the next tile reloads them
 
 
 @triton.jit

@@ -6,8 +6,11 @@ Conventions of every kernel:
   [s * tiles_per_chunk * BLOCK_N, (s + 1) * tiles_per_chunk * BLOCK_N), walked one tile of
   BLOCK_N positions at a time; each tile is swept over C in (BLOCK_C, BLOCK_N) tiles.
 * Programs are one warp: every reduction (over C for dot products and norms, over N for
-  weighted sums) stays within a thread or a warp, so no loop that streams X waits on a
-  barrier. Sums over the C loop are accumulated elementwise and reduced once after it.
+  weighted sums) stays within a thread or a warp, so no loop that streams X waits for another
+  warp. Sums over the C loop are accumulated elementwise and reduced once after it, and each
+  C loop loads the next tile before it uses the current one (two tiles in flight). The
+  barriers left are one warp's: after each tile, ordering its workspace stores before the
+  next tile's loads, and where the compiler exchanges a vector between layouts.
 * x is read through a layout constexpr: ``N_CONTIGUOUS`` (NCHW), ``C_CONTIGUOUS``
   (channels_last, tokens) or ``STRIDED`` (anything else). The strides of a contiguous layout
   arrive divided by ``ALIGN`` (a power of two chosen by the launcher), so the compiler knows
@@ -28,12 +31,16 @@ RATIO_C = tl.constexpr(DEGENERATE_SUM_RATIO)
 
 # Integer arguments of each kernel: never specialised (no recompilation when one equals 1 or is
 # a multiple of 16); the launchers give the alignment facts as constexprs instead.
+_SIZES = ["C", "N", "K", "S"]
+_X_STRIDES = ["stride_xb", "stride_xc", "stride_xn"]
+_DX_STRIDES = ["stride_db", "stride_dc", "stride_dn"]
+_SEED_STRIDES = ["seeds_stride_b", "seeds_stride_k"]
 INTEGER_ARGS = {
-    'forward_norms_kernel': ['C', 'N', 'K', 'S', 'tiles_per_chunk', 'stride_xb', 'stride_xc', 'stride_xn'],
-    'forward_part_kernel': ['part', 'C', 'N', 'K', 'S', 'tiles_per_chunk', 'stride_xb', 'stride_xc', 'stride_xn', 'seeds_stride_b', 'seeds_stride_k'],
-    'forward_final_kernel': ['C', 'N', 'K', 'S', 'c_per_program', 'stride_xb', 'stride_xc', 'stride_xn', 'seeds_stride_b', 'seeds_stride_k'],
-    'backward_dx_kernel': ['C', 'N', 'K', 'S', 'tiles_per_chunk', 'stride_xb', 'stride_xc', 'stride_xn', 'stride_db', 'stride_dc', 'stride_dn'],
-    'backward_seeds_kernel': ['C', 'N', 'K', 'S', 'c_per_program', 'stride_xb', 'stride_xc', 'stride_xn', 'stride_db', 'stride_dc', 'stride_dn'],
+    "forward_norms_kernel": _SIZES + ["tiles_per_chunk"] + _X_STRIDES,
+    "forward_part_kernel": ["part"] + _SIZES + ["tiles_per_chunk"] + _X_STRIDES + _SEED_STRIDES,
+    "forward_final_kernel": _SIZES + ["c_per_program"] + _X_STRIDES + _SEED_STRIDES,
+    "backward_dx_kernel": _SIZES + ["tiles_per_chunk"] + _X_STRIDES + _DX_STRIDES,
+    "backward_seeds_kernel": _SIZES + ["c_per_program"] + _X_STRIDES + _DX_STRIDES,
 }
 
 # Layouts of x (and dx): which of its strides is 1.

@@ -13,10 +13,9 @@ Outline (program (b, s) owns a chunk of image b's positions; see ``common``):
    the same loads, the chunk's part of part k-1's weighted sum sum_n sim_{k-1,n} x_n. The
    last part's weighted sum takes a second look at each tile right after its sims (cache).
 3. ``forward_final_kernel``: each program sums the chunks' partial weighted sums over a slice
-   of the channels (chunk order), normalises them, and accumulates ||v_k||^2 over the slice;
-   the last program of image b to finish (an integer ticket, no waiting) computes the
-   activities, ranks the parts (stable, descending) and writes every per-part output in
-   rank order with saturating casts.
+   of the channels (chunk order) and normalises them; the last program of image b to finish
+   (an integer ticket, no waiting) computes the activities ||v_k||, ranks the parts (stable,
+   descending) and writes every per-part output in rank order with saturating casts.
 
 Every cross-program value goes through the workspace and is reduced in a fixed order, so
 results are bitwise reproducible; nothing synchronises with the host.
@@ -157,6 +156,7 @@ def forward_norms_kernel(
             rho = norms + eps
             tl.store(scores_ptr + b.to(tl.int64) * 2 * N + offs_n, rho, mask=valid_n)
             best, best_index = argmax_update(rho, offs_n, valid_n, best, best_index, N)
+        tl.debug_barrier()  # this tile's partial sums are stored before the next tile reloads them
     if not GIVEN_SEEDS:
         slot = b.to(tl.int64) * K * S + s
         tl.store(cand_score_ptr + slot, best)
@@ -216,7 +216,8 @@ def forward_part_kernel(
     part, C, N, K, S, tiles_per_chunk,
     stride_xb, stride_xc, stride_xn, seeds_stride_b, seeds_stride_k,
     LAYOUT: tl.constexpr, ALIGN: tl.constexpr, REFINE: tl.constexpr, GIVEN_SEEDS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, C_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    C_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, ACC: tl.constexpr,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
@@ -262,6 +263,7 @@ def forward_part_kernel(
             if part == K - 1:
                 _tile_weighted_sum(x_b, offs_n, sims, last_sums, t > 0, C, N, stride_xc, stride_xn, LAYOUT, ALIGN,
                                    BLOCK_C, ACC)
+        tl.debug_barrier()  # this tile's partial sums are stored before the next tile reloads them
     slot = (b.to(tl.int64) * K + part) * S + s
     tl.store(part_sums_ptr + slot, total)
     tl.store(part_abs_ptr + slot, total_abs)
@@ -276,17 +278,15 @@ def forward_part_kernel(
 
 @triton.jit
 def _vectors_slice(x_b, b, s, seeds_ptr, seeds_stride_b, seeds_stride_k, cand_score_ptr, cand_index_ptr,
-                   part_sums_ptr, part_abs_ptr, sums_ptr, vectors_ws_ptr, squares_ptr,
+                   part_sums_ptr, part_abs_ptr, sums_ptr, vectors_ws_ptr,
                    C, N, K, S, c_per_program, stride_c, stride_n,
                    LAYOUT: tl.constexpr, ALIGN: tl.constexpr, REFINE: tl.constexpr, GIVEN_SEEDS: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    """v_k over this program's slice of channels (unranked, ACC, to the workspace) and the
-    slice's sum of v_k^2, for every part."""
+    """v_k over this program's slice of channels, for every part (unranked, ACC, to the workspace)."""
     c_start = s * c_per_program
     c_stop = tl.minimum(c_start + c_per_program, C)
     uniform = acc_const(1.0, ACC) / N
     for k in range(0, K):
-        squares = tl.zeros([BLOCK_C], ACC)
         part_slot = (b.to(tl.int64) * K + k) * S
         inv, degenerate = part_inverse(part_sums_ptr + part_slot, part_abs_ptr + part_slot, S, BLOCK_S, ACC)
         seed, seed_valid, _ = seed_of_part(k, b, cand_score_ptr, cand_index_ptr, seeds_ptr, seeds_stride_b,
@@ -307,8 +307,24 @@ def _vectors_slice(x_b, b, s, seeds_ptr, seeds_stride_b, seeds_stride_k, cand_sc
             else:
                 v = load_column(x_b, offs_c, seed, seed_valid, c_stop, stride_c, stride_n, LAYOUT, ALIGN, ACC)
             tl.store(vectors_ws_ptr + (b.to(tl.int64) * K + k) * C + offs_c, v, mask=valid_c)
-            squares += tl.where(valid_c, v * v, 0.0)
-        tl.store(squares_ptr + (b.to(tl.int64) * K + k) * S + s, tl.sum(squares, axis=0))
+
+
+@triton.jit
+def _length(vector_ptr, C, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """||v|| of a C-vector written by other programs of this launch (.cg: not from L1), scaled by
+    a power of two so that its sum of squares cannot overflow or underflow."""
+    largest = tl.zeros([BLOCK_C], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        v = tl.load(vector_ptr + offs_c, mask=offs_c < C, other=0.0, cache_modifier=".cg")
+        largest = tl.maximum(largest, tl.abs(v))
+    down, up = _power_of_two_scales(tl.max(largest, axis=0), ACC)
+    squares = tl.zeros([BLOCK_C], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        v = tl.load(vector_ptr + offs_c, mask=offs_c < C, other=0.0, cache_modifier=".cg") * down
+        squares += v * v
+    return acc_sqrt(tl.sum(squares, axis=0), ACC) * up
 
 
 @triton.jit
@@ -332,18 +348,14 @@ def _rank(k, b, activity_ws, K, BY_ACTIVITY: tl.constexpr, BLOCK_K: tl.constexpr
 
 @triton.jit
 def _write_ranked_outputs(x_b, b, seeds_ptr, seeds_stride_b, seeds_stride_k, cand_score_ptr, cand_index_ptr,
-                          part_sums_ptr, part_abs_ptr, sims_ptr, vectors_ws_ptr, squares_ptr, activity_ws,
+                          part_sums_ptr, part_abs_ptr, sims_ptr, vectors_ws_ptr, activity_ws,
                           vectors_ptr, maps_ptr, indices_ptr, activity_ptr, inv_sums_ptr, C, N, K, S,
                           BY_ACTIVITY: tl.constexpr, GIVEN_SEEDS: tl.constexpr, BLOCK_C: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     """Image b's per-part outputs, in rank order (run by the image's last program only)."""
     for k in range(0, K):
-        squares = tl.zeros([BLOCK_S], ACC)
-        for s0 in range(0, S, BLOCK_S):
-            offs = s0 + tl.arange(0, BLOCK_S)
-            squares += tl.load(squares_ptr + (b.to(tl.int64) * K + k) * S + offs, mask=offs < S, other=0.0,
-                               cache_modifier=".cg")
-        tl.store(activity_ws + b.to(tl.int64) * K + k, acc_sqrt(tl.sum(squares, axis=0), ACC))
+        activity = _length(vectors_ws_ptr + (b.to(tl.int64) * K + k) * C, C, BLOCK_C, ACC)
+        tl.store(activity_ws + b.to(tl.int64) * K + k, activity)
     tl.debug_barrier()  # activities written above are read back by other threads
     uniform = acc_const(1.0, ACC) / N
     for k in range(0, K):
@@ -375,7 +387,6 @@ def forward_final_kernel(
     x_ptr, seeds_ptr,
     cand_score_ptr, cand_index_ptr, part_sums_ptr, part_abs_ptr, sims_ptr, sums_ptr,  # from the part launches
     vectors_ws_ptr,  # workspace (B, K, C) ACC: unranked vectors
-    squares_ptr,  # workspace (B, K, S): each program's slice of ||v_k||^2
     activity_ws,  # workspace (B, K) ACC
     ticket_ptr,  # workspace (B,) int32, zeroed by the norms launch
     vectors_ptr, maps_ptr, indices_ptr, activity_ptr, inv_sums_ptr,  # outputs, contiguous
@@ -391,7 +402,7 @@ def forward_final_kernel(
     N = from_units(N, N_ALIGN)
     x_b = image_base(x_ptr, b, stride_xb, LAYOUT, ALIGN)
     _vectors_slice(x_b, b, s, seeds_ptr, seeds_stride_b, seeds_stride_k, cand_score_ptr, cand_index_ptr,
-                   part_sums_ptr, part_abs_ptr, sums_ptr, vectors_ws_ptr, squares_ptr, C, N, K, S, c_per_program,
+                   part_sums_ptr, part_abs_ptr, sums_ptr, vectors_ws_ptr, C, N, K, S, c_per_program,
                    stride_xc, stride_xn, LAYOUT, ALIGN, REFINE, GIVEN_SEEDS, BLOCK_C, BLOCK_S, ACC)
     # Every thread's stores are done before the ticket is taken (release); the image's last
     # program sees them all (acquire, and .cg loads that skip the non-coherent L1).
@@ -399,6 +410,6 @@ def forward_final_kernel(
     ticket = tl.atomic_add(ticket_ptr + b, 1, sem="acq_rel")
     if ticket == S - 1:
         _write_ranked_outputs(x_b, b, seeds_ptr, seeds_stride_b, seeds_stride_k, cand_score_ptr, cand_index_ptr,
-                              part_sums_ptr, part_abs_ptr, sims_ptr, vectors_ws_ptr, squares_ptr, activity_ws,
+                              part_sums_ptr, part_abs_ptr, sims_ptr, vectors_ws_ptr, activity_ws,
                               vectors_ptr, maps_ptr, indices_ptr, activity_ptr, inv_sums_ptr, C, N, K, S,
                               BY_ACTIVITY, GIVEN_SEEDS, BLOCK_C, BLOCK_N, BLOCK_S, BLOCK_K, ACC)
