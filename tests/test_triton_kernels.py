@@ -147,7 +147,7 @@ def problems(draw):
     N = draw(st.integers(1, 30))
     K = N if (N <= 6 and draw(st.booleans())) else draw(st.integers(1, min(N, 5)))
     return dict(
-        B=draw(st.integers(1, 3)),
+        B=draw(st.integers(1, 2)),
         C=draw(st.one_of(st.integers(1, 24), st.sampled_from([1, 16, 17, 33]))),
         N=N,
         K=K,
@@ -241,7 +241,7 @@ def random_grads(x, K, seed):
     return mk(B, K, C), mk(B, K, N), mk(B, N)
 
 
-@settings(max_examples=EXAMPLES)
+@settings(max_examples=max(1, EXAMPLES // 2))  # each example runs the forward too: half as many
 @given(problems())
 @example(dict(B=1, C=1, N=1, K=1, layout="channels_last", dtype=torch.float64, refine=False, given_seeds=False,
               kind="relu", small_blocks=False, seed=0))
