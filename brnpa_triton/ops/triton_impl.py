@@ -143,7 +143,8 @@ def _sm_count(device: torch.device | None = None) -> int:
 
 def chunking(B: int, N: int, block_n: int, sm_count: int, tiles_per_chunk: int | None = None) -> tuple[int, int]:
     """(S, tiles per chunk): enough chunks that B * S reaches PROGRAMS_PER_SM programs per SM
-    when the positions allow (at least 2 per SM whenever B * N does), and no more."""
+    when the image's tiles of positions allow it (so at least 2 per SM whenever B times the
+    number of tiles does), and no more: larger batches get longer chunks, not more programs."""
     tiles = -(-N // block_n)
     if tiles_per_chunk is None:
         wanted = max(1, -(-PROGRAMS_PER_SM * sm_count // B))
