@@ -241,7 +241,7 @@ def random_grads(x, K, seed):
     return mk(B, K, C), mk(B, K, N), mk(B, N)
 
 
-@settings(max_examples=max(1, EXAMPLES // 2))  # each example runs the forward too: half as many
+@settings(max_examples=EXAMPLES)
 @given(problems())
 @example(dict(B=1, C=1, N=1, K=1, layout="channels_last", dtype=torch.float64, refine=False, given_seeds=False,
               kind="relu", small_blocks=False, seed=0))
