@@ -35,7 +35,9 @@ BLOCK_S = 32  # candidates / partial sums reduced per step
 BLOCK_K = 16  # parts compared per step when ranking
 FINAL_BLOCK_C = 128
 FINAL_BLOCK_N = 128
-WARPS = {"num_warps": 1}  # every reduction stays within a warp: no barrier in loops over X
+# One warp a program: every reduction stays within a warp. The register cap is the most a
+# one-warp program may use; without it ptxas may spill below it to raise occupancy.
+WARPS = {"num_warps": 1, "maxnreg": 255}
 
 # (BLOCK_C, BLOCK_N) of the tiles that stream X, with 128-bit loads along the contiguous
 # dimension whenever the rows are aligned. NCHW tiles are 16 channels high: a vector of fewer
@@ -47,10 +49,10 @@ _FORWARD_TILES = {
     (C_CONTIGUOUS, 4): (128, 8), (C_CONTIGUOUS, 2): (256, 4), (C_CONTIGUOUS, 8): (64, 8),
     (STRIDED, 4): (32, 16), (STRIDED, 2): (32, 16), (STRIDED, 8): (32, 8),
 }
-# The backward multiplies each tile by KG parts at once: tiles of 16 elements a thread (float64: 8).
+# The backward keeps two accumulators per part (KG <= 4 parts at once): tiles of 8 elements a thread.
 _BACKWARD_TILES = {
-    (N_CONTIGUOUS, 4): (32, 16), (N_CONTIGUOUS, 2): (32, 16), (N_CONTIGUOUS, 8): (16, 8),
-    (C_CONTIGUOUS, 4): (128, 4), (C_CONTIGUOUS, 2): (256, 2), (C_CONTIGUOUS, 8): (64, 2),
+    (N_CONTIGUOUS, 4): (16, 16), (N_CONTIGUOUS, 2): (16, 16), (N_CONTIGUOUS, 8): (16, 8),
+    (C_CONTIGUOUS, 4): (128, 2), (C_CONTIGUOUS, 2): (256, 1), (C_CONTIGUOUS, 8): (64, 2),
     (STRIDED, 4): (16, 16), (STRIDED, 2): (16, 16), (STRIDED, 8): (8, 8),
 }
 _TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",

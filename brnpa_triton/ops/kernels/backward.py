@@ -36,6 +36,7 @@ from brnpa_triton.ops.kernels.common import (
     bound_if,
     column_offsets,
     image_base,
+    load_column,
     load_tile,
     tile_offsets,
 )
@@ -55,27 +56,6 @@ def _grad_vectors(gvec_b, vec_b, gact_b, lengths, offs_k, valid_k, offs_c, mask_
         unit = tl.where(lengths > 0, g_act / tl.where(lengths > 0, lengths, 1.0), 0.0)
         grad += unit[:, None] * v
     return grad
-
-
-@triton.jit
-def _seed_rows(x_b, seeds, seeds_valid, offs_c, C, stride_c, stride_n, LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
-               ACC: tl.constexpr):
-    """x[offs_c, seed_k] for a group of seeds, (KG, BLOCK_C); zeros for seeds outside [0, N)."""
-    safe = tl.where(seeds_valid, seeds, 0)
-    offsets = column_offsets(offs_c[None, :], safe[:, None], stride_c, LAYOUT, ALIGN, stride_n)
-    return tl.load(x_b + offsets, mask=seeds_valid[:, None] & (offs_c < C)[None, :], other=0.0).to(ACC)
-
-
-@triton.jit
-def _part_group(indices_b, norms_b, k0, K, N, KG: tl.constexpr, ACC: tl.constexpr):
-    """(offs_k, valid_k, seeds, seeds_valid, 1 / rho_seed) of the group of parts from k0."""
-    offs_k = k0 + tl.arange(0, KG)
-    valid_k = offs_k < K
-    seeds = tl.load(indices_b + offs_k, mask=valid_k, other=0)
-    seeds_valid = valid_k & (seeds >= 0) & (seeds < N)
-    safe = tl.where(seeds_valid, seeds, 0)
-    rho_seed = tl.load(norms_b + safe, mask=seeds_valid, other=0.0) + acc_const(EPS_C, ACC)
-    return offs_k, valid_k, safe, seeds_valid, acc_const(1.0, ACC) / rho_seed
 
 
 @triton.jit
@@ -122,37 +102,138 @@ def _image_totals(gvec_b, gmap_b, gact_b, vec_b, maps_b, totals_ws, K, C, N, REF
 
 
 @triton.jit
-def _tile_part_dots(x_b, offs_n, offs_k, valid_k, seeds, seeds_valid, inv_rho_seed, gvec_b, vec_b, gact_b, lengths,
-                    C, N, stride_c, stride_n, LAYOUT: tl.constexpr, ALIGN: tl.constexpr, WITH_GRAD: tl.constexpr,
+def _part_columns(x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, part, offs_c, C, N, K,
+                  stride_c, stride_n, LAYOUT: tl.constexpr, ALIGN: tl.constexpr, WITH_GRAD: tl.constexpr,
+                  HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_ACTIVITY: tl.constexpr, BLOCK_C: tl.constexpr,
+                  ACC: tl.constexpr):
+    """(r_k / rho_ik, gV_k + gAct_k v_k / ||v_k||) over a block of channels for part ``part``:
+    zeros for a part past K, and the seed column only read when the seed lies in [0, N)."""
+    valid = (part + tl.zeros([], tl.int32)) < K
+    seed = tl.load(indices_b + part, mask=valid, other=0)
+    seed_valid = valid & (seed >= 0) & (seed < N)
+    safe = tl.where(seed_valid, seed, 0)
+    rho_seed = tl.load(norms_b + safe, mask=seed_valid, other=0.0) + acc_const(EPS_C, ACC)
+    row = load_column(x_b, offs_c, safe, seed_valid, C, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+    row = row * (acc_const(1.0, ACC) / rho_seed)
+    grad = tl.zeros([BLOCK_C], ACC)
+    if WITH_GRAD:
+        part_c = offs_c < bound_if(valid, C)
+        if HAS_GRAD_VECTORS:
+            grad += tl.load(gvec_b + part * C + offs_c, mask=part_c, other=0.0).to(ACC)
+        if HAS_GRAD_ACTIVITY:
+            length = tl.load(totals_ws + K + part, mask=valid, other=0.0)
+            g_act = tl.load(gact_b + part, mask=valid, other=0.0).to(ACC)
+            v = tl.load(vec_b + part * C + offs_c, mask=part_c, other=0.0).to(ACC)
+            grad += tl.where(length > 0, g_act / tl.where(length > 0, length, 1.0), 0.0) * v
+    return row, grad
+
+
+@triton.jit
+def _tile_part_dots(x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, k0, offs_n, C, N, K,
+                    stride_c, stride_n, LAYOUT: tl.constexpr, ALIGN: tl.constexpr, WITH_GRAD: tl.constexpr,
                     HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_ACTIVITY: tl.constexpr, KG: tl.constexpr,
                     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
-    """(dot(x_n, r_k / rho_ik), gV_k . x_n) for one tile of positions and a group of parts, (KG, BLOCK_N)."""
-    seed_dots = tl.zeros([KG, BLOCK_N], ACC)
-    grad_dots = tl.zeros([KG, BLOCK_N], ACC)
+    """dot(x_n, r_k / rho_ik) and gV_k . x_n for one tile of positions and parts k0 .. k0 + KG - 1
+    (KG <= 4), accumulated elementwise over the C loop, one accumulator per part, and reduced
+    over C once after it: eight (BLOCK_N,) vectors (zeros for parts past K or KG)."""
+    s0 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    s1 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    s2 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    s3 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    g0 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    g1 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    g2 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    g3 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
     # The next tile's loads are issued before this one is used: two tiles in flight.
     tile = load_tile(x_b, tl.arange(0, BLOCK_C), offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
     for c0 in range(0, C, BLOCK_C):  # streams X
         offs_c = c0 + tl.arange(0, BLOCK_C)
         upcoming = load_tile(x_b, offs_c + BLOCK_C, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
-        rows = _seed_rows(x_b, seeds, seeds_valid, offs_c, C, stride_c, stride_n, LAYOUT, ALIGN, ACC)
-        seed_dots += tl.sum((rows * inv_rho_seed[:, None])[:, :, None] * tile[None, :, :], axis=1)
+        row, grad = _part_columns(x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, k0, offs_c, C, N, K,
+                                  stride_c, stride_n, LAYOUT, ALIGN, WITH_GRAD, HAS_GRAD_VECTORS,
+                                  HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
+        s0 += tile * row[:, None]
         if WITH_GRAD:
-            mask = valid_k[:, None] & (offs_c < C)[None, :]
-            g = _grad_vectors(gvec_b, vec_b, gact_b, lengths, offs_k, valid_k, offs_c, mask, C, HAS_GRAD_VECTORS,
-                              HAS_GRAD_ACTIVITY, KG, BLOCK_C, ACC)
-            grad_dots += tl.sum(g[:, :, None] * tile[None, :, :], axis=1)
+            g0 += tile * grad[:, None]
+        if KG > 1:
+            row, grad = _part_columns(x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, k0 + 1, offs_c, C,
+                                      N, K, stride_c, stride_n, LAYOUT, ALIGN, WITH_GRAD, HAS_GRAD_VECTORS,
+                                      HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
+            s1 += tile * row[:, None]
+            if WITH_GRAD:
+                g1 += tile * grad[:, None]
+        if KG > 2:
+            row, grad = _part_columns(x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, k0 + 2, offs_c, C,
+                                      N, K, stride_c, stride_n, LAYOUT, ALIGN, WITH_GRAD, HAS_GRAD_VECTORS,
+                                      HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
+            s2 += tile * row[:, None]
+            if WITH_GRAD:
+                g2 += tile * grad[:, None]
+            row, grad = _part_columns(x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, k0 + 3, offs_c, C,
+                                      N, K, stride_c, stride_n, LAYOUT, ALIGN, WITH_GRAD, HAS_GRAD_VECTORS,
+                                      HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
+            s3 += tile * row[:, None]
+            if WITH_GRAD:
+                g3 += tile * grad[:, None]
         tile = upcoming
-    return seed_dots, grad_dots
+    return (tl.sum(s0, axis=0), tl.sum(g0, axis=0), tl.sum(s1, axis=0), tl.sum(g1, axis=0),
+            tl.sum(s2, axis=0), tl.sum(g2, axis=0), tl.sum(s3, axis=0), tl.sum(g3, axis=0))
 
 
 @triton.jit
-def _tile_dx(x_b, dx_b, offs_n, radial, K, u_coef_b, maps_b, indices_b, norms_b, gvec_b, vec_b, gact_b, totals_ws,
-             u_sums_b, accumulate, C, N, S, stride_c, stride_n, stride_dc, stride_dn,
+def _part_terms(seed_dots, grad_dots, part, offs_n, rho, gmap_b, inv_sums_b, totals_ws, u_coef_b, w_sums_b,
+                accumulate, K, N, S, HAS_GRAD_MAPS: tl.constexpr, ACC: tl.constexpr):
+    """Part ``part``'s simbar and U over one tile: stores U_kn, adds the tile's sum_n simbar sim
+    to the chunk's w_k, and returns U_kn sim_kn (the part's share of the radial term)."""
+    valid = (part + tl.zeros([], tl.int32)) < K
+    part_n = offs_n < bound_if(valid, N)
+    sims = seed_dots / rho
+    abar = grad_dots
+    if HAS_GRAD_MAPS:
+        abar += tl.load(gmap_b + part * N + offs_n, mask=part_n, other=0.0).to(ACC)
+    total = tl.load(totals_ws + part, mask=valid, other=0.0)
+    inv = tl.load(inv_sums_b + part, mask=valid, other=0.0).to(ACC)
+    simbar = tl.where(part_n, (abar - total) * inv, 0.0)
+    u_coef = simbar / rho
+    tl.store(u_coef_b + part * N + offs_n, u_coef, mask=part_n)
+    one = tl.arange(0, 1)
+    w_ptr = w_sums_b + part * S + one
+    previous = tl.load(w_ptr, mask=one < bound_if(valid & accumulate, 1), other=0.0)
+    tl.store(w_ptr, previous + tl.sum(simbar * sims, axis=0), mask=one < bound_if(valid, 1))
+    return u_coef * sims
+
+
+@triton.jit
+def _part_dx(dx, tile, x_b, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b, u_sums_b, part,
+             offs_c, offs_n, accumulate, C, N, K, S, stride_c, stride_n, LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
+             WITH_GRAD: tl.constexpr, HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_ACTIVITY: tl.constexpr,
+             BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """dx tile += a_kn gV_k + U_kn r_k / rho_ik for part ``part``; adds the tile's sum_n U_kn x_n
+    to the chunk's u_k."""
+    valid = (part + tl.zeros([], tl.int32)) < K
+    part_n = offs_n < bound_if(valid, N)
+    row, grad = _part_columns(x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, part, offs_c, C, N, K,
+                              stride_c, stride_n, LAYOUT, ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY,
+                              BLOCK_C, ACC)
+    u_coef = tl.load(u_coef_b + part * N + offs_n, mask=part_n, other=0.0)
+    dx += u_coef[None, :] * row[:, None]
+    if WITH_GRAD:
+        a = tl.load(maps_b + part * N + offs_n, mask=part_n, other=0.0).to(ACC)
+        dx += a[None, :] * grad[:, None]
+    u_ptrs = u_sums_b + part * S * C + offs_c
+    previous = tl.load(u_ptrs, mask=offs_c < bound_if(valid & accumulate, C), other=0.0)
+    tl.store(u_ptrs, previous + tl.sum(tile * u_coef[None, :], axis=1), mask=offs_c < bound_if(valid, C))
+    return dx
+
+
+@triton.jit
+def _tile_dx(x_b, dx_b, offs_n, radial, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
+             u_sums_b, accumulate, C, N, K, S, stride_c, stride_n, stride_dc, stride_dn,
              LAYOUT: tl.constexpr, ALIGN: tl.constexpr, DX_LAYOUT: tl.constexpr, DX_ALIGN: tl.constexpr,
-             REFINE: tl.constexpr, HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_ACTIVITY: tl.constexpr,
+             WITH_GRAD: tl.constexpr, HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_ACTIVITY: tl.constexpr,
              KG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
     """Writes dx for one tile (second look at the tile, from cache) and adds the tile's
-    sum_n U_kn x_n to the chunk's partial u_k."""
+    sum_n U_kn x_n to the chunks' partial u_k."""
     valid_n = offs_n < N
     # The next tile's loads are issued before this one is used: two tiles in flight.
     tile = load_tile(x_b, tl.arange(0, BLOCK_C), offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
@@ -161,23 +242,20 @@ def _tile_dx(x_b, dx_b, offs_n, radial, K, u_coef_b, maps_b, indices_b, norms_b,
         upcoming = load_tile(x_b, offs_c + BLOCK_C, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
         dx = radial[None, :] * tile
         for k0 in range(0, K, KG):
-            offs_k, valid_k, seeds, seeds_valid, inv_rho_seed = _part_group(indices_b, norms_b, k0, K, N, KG, ACC)
-            mask_kn = valid_k[:, None] & valid_n[None, :]
-            mask_kc = valid_k[:, None] & (offs_c < C)[None, :]
-            u_coef = tl.load(u_coef_b + offs_k[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0)
-            rows = _seed_rows(x_b, seeds, seeds_valid, offs_c, C, stride_c, stride_n, LAYOUT, ALIGN, ACC)
-            dx += tl.sum(u_coef[:, None, :] * (rows * inv_rho_seed[:, None])[:, :, None], axis=0)
-            if REFINE:
-                if HAS_GRAD_VECTORS or HAS_GRAD_ACTIVITY:
-                    lengths = tl.load(totals_ws + K + offs_k, mask=valid_k, other=0.0)
-                    g = _grad_vectors(gvec_b, vec_b, gact_b, lengths, offs_k, valid_k, offs_c, mask_kc, C,
-                                      HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, ACC)
-                    a = tl.load(maps_b + offs_k[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0).to(ACC)
-                    dx += tl.sum(a[:, None, :] * g[:, :, None], axis=0)
-            u_tile = tl.sum(u_coef[:, None, :] * tile[None, :, :], axis=2)
-            u_ptrs = u_sums_b + offs_k[:, None] * S * C + offs_c[None, :]
-            previous = tl.load(u_ptrs, mask=mask_kc & (offs_c < bound_if(accumulate, C))[None, :], other=0.0)
-            tl.store(u_ptrs, previous + u_tile, mask=mask_kc)
+            dx = _part_dx(dx, tile, x_b, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
+                          u_sums_b, k0, offs_c, offs_n, accumulate, C, N, K, S, stride_c, stride_n, LAYOUT, ALIGN,
+                          WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
+            if KG > 1:
+                dx = _part_dx(dx, tile, x_b, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
+                              u_sums_b, k0 + 1, offs_c, offs_n, accumulate, C, N, K, S, stride_c, stride_n, LAYOUT,
+                              ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
+            if KG > 2:
+                dx = _part_dx(dx, tile, x_b, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
+                              u_sums_b, k0 + 2, offs_c, offs_n, accumulate, C, N, K, S, stride_c, stride_n, LAYOUT,
+                              ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
+                dx = _part_dx(dx, tile, x_b, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
+                              u_sums_b, k0 + 3, offs_c, offs_n, accumulate, C, N, K, S, stride_c, stride_n, LAYOUT,
+                              ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
         offsets = tile_offsets(offs_c, offs_n, stride_dc, stride_dn, DX_LAYOUT, DX_ALIGN)
         tl.store(dx_b + offsets, dx.to(dx_b.dtype.element_ty), mask=(offs_c < C)[:, None] & valid_n[None, :])
         tile = upcoming
@@ -209,6 +287,7 @@ def backward_dx_kernel(
     dx_b = image_base(dx_ptr, b, stride_db, DX_LAYOUT, DX_ALIGN)
     gvec_b = gvec_ptr + b64 * K * C
     gmap_b = gmap_ptr + b64 * K * N
+    inv_sums_b = inv_sums_ptr + b64 * K
     gact_b = gact_ptr + b64 * K
     vec_b = vec_ptr + b64 * K * C
     maps_b = maps_ptr + b64 * K * N
@@ -236,31 +315,24 @@ def backward_dx_kernel(
         if HAS_GRAD_NORMS:
             radial += tl.load(gnorm_ptr + b64 * N + offs_n, mask=valid_n, other=0.0).to(ACC)
         for k0 in range(0, K, KG):
-            offs_k, valid_k, seeds, seeds_valid, inv_rho_seed = _part_group(indices_b, norms_b, k0, K, N, KG, ACC)
-            lengths = tl.load(totals_ws + K + offs_k, mask=valid_k, other=0.0)
-            seed_dots, grad_dots = _tile_part_dots(
-                x_b, offs_n, offs_k, valid_k, seeds, seeds_valid, inv_rho_seed, gvec_b, vec_b, gact_b, lengths,
-                C, N, stride_xc, stride_xn, LAYOUT, ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY,
-                KG, BLOCK_C, BLOCK_N, ACC)
-            mask_kn = valid_k[:, None] & valid_n[None, :]
-            sims = seed_dots / rho[None, :]
-            abar = grad_dots
-            if HAS_GRAD_MAPS:
-                abar += tl.load(gmap_b + offs_k[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0).to(ACC)
-            totals = tl.load(totals_ws + offs_k, mask=valid_k, other=0.0)
-            inv = tl.load(inv_sums_ptr + b64 * K + offs_k, mask=valid_k, other=0.0).to(ACC)
-            simbar = tl.where(mask_kn, (abar - totals[:, None]) * inv[:, None], 0.0)
-            u_coef = simbar / rho[None, :]
-            tl.store(u_coef_b + offs_k[:, None] * N + offs_n[None, :], u_coef, mask=mask_kn)
-            radial -= tl.sum(u_coef * sims, axis=0)
-            w_ptrs = w_sums_b + offs_k * S
-            previous = tl.load(w_ptrs, mask=valid_k & (offs_k < bound_if(t > 0, K)), other=0.0)
-            tl.store(w_ptrs, previous + tl.sum(simbar * sims, axis=1), mask=valid_k)
+            s0, g0, s1, g1, s2, g2, s3, g3 = _tile_part_dots(
+                x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, k0, offs_n, C, N, K, stride_xc, stride_xn,
+                LAYOUT, ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, BLOCK_N, ACC)
+            radial -= _part_terms(s0, g0, k0, offs_n, rho, gmap_b, inv_sums_b, totals_ws, u_coef_b, w_sums_b, t > 0,
+                                  K, N, S, HAS_GRAD_MAPS, ACC)
+            if KG > 1:
+                radial -= _part_terms(s1, g1, k0 + 1, offs_n, rho, gmap_b, inv_sums_b, totals_ws, u_coef_b, w_sums_b,
+                                      t > 0, K, N, S, HAS_GRAD_MAPS, ACC)
+            if KG > 2:
+                radial -= _part_terms(s2, g2, k0 + 2, offs_n, rho, gmap_b, inv_sums_b, totals_ws, u_coef_b, w_sums_b,
+                                      t > 0, K, N, S, HAS_GRAD_MAPS, ACC)
+                radial -= _part_terms(s3, g3, k0 + 3, offs_n, rho, gmap_b, inv_sums_b, totals_ws, u_coef_b, w_sums_b,
+                                      t > 0, K, N, S, HAS_GRAD_MAPS, ACC)
         radial = tl.where(norms > 0, radial / tl.where(norms > 0, norms, one), 0.0)
         tl.debug_barrier()  # U_kn, stored above, is reloaded by other threads
-        _tile_dx(x_b, dx_b, offs_n, radial, K, u_coef_b, maps_b, indices_b, norms_b, gvec_b, vec_b, gact_b,
-                 totals_ws, u_sums_b, t > 0, C, N, S, stride_xc, stride_xn, stride_dc, stride_dn, LAYOUT, ALIGN,
-                 DX_LAYOUT, DX_ALIGN, REFINE, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, BLOCK_N, ACC)
+        _tile_dx(x_b, dx_b, offs_n, radial, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
+                 u_sums_b, t > 0, C, N, K, S, stride_xc, stride_xn, stride_dc, stride_dn, LAYOUT, ALIGN, DX_LAYOUT,
+                 DX_ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, BLOCK_N, ACC)
         tl.debug_barrier()  # this tile's partial u_k, w_k are stored before the next tile reloads them
 
 
