@@ -314,7 +314,7 @@ def backward_dx_kernel(
         radial = tl.zeros([BLOCK_N], ACC)
         if HAS_GRAD_NORMS:
             radial += tl.load(gnorm_ptr + b64 * N + offs_n, mask=valid_n, other=0.0).to(ACC)
-        for k0 in range(0, K, KG):
+        for k0 in range(0, K, KG):  # streams X (more than 4 parts: the tile again, from cache)
             s0, g0, s1, g1, s2, g2, s3, g3 = _tile_part_dots(
                 x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, k0, offs_n, C, N, K, stride_xc, stride_xn,
                 LAYOUT, ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, BLOCK_N, ACC)
