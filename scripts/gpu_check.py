@@ -95,7 +95,8 @@ def poison():
 
     triton_impl._empty = empty
     triton_impl._empty_like = lambda x: torch.empty_like(x).fill_(float("nan"))
-    triton_impl._workspace = lambda n, dtype, device: torch.full((max(n, 1),), float("nan"), dtype=dtype, device=device)
+    triton_impl._workspace = lambda n, dtype, device: torch.full(
+        (max(n, 1),), float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
 
     def restore():
         triton_impl._empty, triton_impl._empty_like, triton_impl._workspace = saved
@@ -161,7 +162,7 @@ def run_correctness(results):
                 for refine in (True, False):
                     cases.append(((3, 40, 5, 7, 3), dtype, layout, refine, False))
                 cases.append(((4, 256, 14, 14, 3), dtype, layout, True, False))
-            cases.append(((2, 96, 9, 9, 6), dtype, "nchw", True, False))  # K > 4: parts in groups of 8
+            cases.append(((2, 96, 9, 9, 6), dtype, "nchw", True, False))  # K > 4: two groups of parts
             cases.append(((3, 40, 5, 7, 3), dtype, "channels_last", True, True))
         if not INTERPRET:
             cases.append(((2, 2048, 28, 28, 3), torch.float32, "channels_last", True, False))

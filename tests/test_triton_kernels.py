@@ -43,10 +43,10 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 ULP = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 LAYOUTS = ("nchw", "channels_last", "padded", "padded_channels_last")
-SMALL_FWD = {"BLOCK_C": 16, "BLOCK_N": 16}
+SMALL_FWD = {"BLOCK_C": 8, "BLOCK_N": 4, "tiles_per_chunk": 2}
 # More examples for a one-off soak run: BRNPA_KERNEL_EXAMPLES=200 (CI keeps 20, derandomized).
 EXAMPLES = int(os.environ.get("BRNPA_KERNEL_EXAMPLES", "20"))
-SMALL_BWD = {"KC": 2, "BLOCK_C": 16, "BLOCK_N": 16}
+SMALL_BWD = {"BLOCK_C": 8, "BLOCK_N": 4, "tiles_per_chunk": 1}
 
 
 # ---- poisoning -----------------------------------------------------------------------------
@@ -59,10 +59,13 @@ def poison_allocations(monkeypatch):
 
     monkeypatch.setattr(triton_impl, "_empty", empty)
     monkeypatch.setattr(triton_impl, "_empty_like", lambda x: torch.empty_like(x).fill_(float("nan")))
-    monkeypatch.setattr(
-        triton_impl, "_workspace",
-        lambda numel, dtype, device: torch.full((max(numel, 1),), float("nan"), dtype=dtype, device=device),
-    )
+    monkeypatch.setattr(triton_impl, "_workspace", poisoned_workspace)
+
+
+def poisoned_workspace(numel, dtype, device):
+    """NaN for float workspaces, -7 (an impossible position or count) for integer ones."""
+    fill = -7 if not dtype.is_floating_point else float("nan")
+    return torch.full((max(numel, 1),), fill, dtype=dtype, device=device)
 
 
 # ---- inputs --------------------------------------------------------------------------------
@@ -141,11 +144,11 @@ def conditioning(maps_ref: torch.Tensor) -> float:
 
 @st.composite
 def problems(draw):
-    N = draw(st.integers(1, 50))
+    N = draw(st.integers(1, 30))
     K = N if (N <= 6 and draw(st.booleans())) else draw(st.integers(1, min(N, 5)))
     return dict(
-        B=draw(st.integers(1, 3)),
-        C=draw(st.one_of(st.integers(1, 40), st.sampled_from([1, 16, 17, 33]))),
+        B=draw(st.integers(1, 2)),
+        C=draw(st.one_of(st.integers(1, 24), st.sampled_from([1, 16, 17, 33]))),
         N=N,
         K=K,
         layout=draw(st.sampled_from(LAYOUTS)),
@@ -154,6 +157,7 @@ def problems(draw):
         given_seeds=draw(st.booleans()),
         kind=draw(st.sampled_from(["relu", "relu", "signed"])),
         small_blocks=draw(st.booleans()),
+        duplicates=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -162,6 +166,10 @@ def setup_problem(p):
     """The input x and the seeds to force (or None); signed data is made well-conditioned."""
     B, C, N, K = p["B"], p["C"], p["N"], p["K"]
     values = make_values(B, C, N, p["kind"], p["seed"])
+    if p.get("duplicates") and N >= 3:
+        # bitwise-identical columns in different tiles and chunks: exact ties, lowest index wins
+        values[:, :, N - 1] = values[:, :, 0]
+        values[:, :, N // 2] = values[:, :, 1]
     seeds = None
     if p["given_seeds"]:
         g = torch.Generator().manual_seed(p["seed"] + 1)
@@ -239,7 +247,7 @@ def random_grads(x, K, seed):
               kind="relu", small_blocks=False, seed=0))
 @example(dict(B=2, C=5, N=6, K=6, layout="padded", dtype=torch.float32, refine=True, given_seeds=True,
               kind="relu", small_blocks=True, seed=3))
-@example(dict(B=2, C=40, N=50, K=5, layout="padded_channels_last", dtype=torch.float16, refine=True,
+@example(dict(B=2, C=33, N=30, K=5, layout="padded_channels_last", dtype=torch.float16, refine=True,
               given_seeds=True, kind="signed", small_blocks=True, seed=4))
 def test_backward_matches_reference(p):
     x, out = forward_and_check(p)
@@ -312,25 +320,6 @@ def test_greedy_repeats_a_lone_position():
     assert_close(dx, dx_ref, 1e-9, "dx")
 
 
-def test_exact_ties_pick_lowest_index():
-    """Duplicated columns tie exactly at every step, within and across N-blocks (of 16)."""
-    values = make_values(2, 4, 40, "relu", 3)
-    values[:, :, 4] = 2 * values.abs().max() + 1.0  # the biggest column: first seed
-    values[:, :, 21] = values[:, :, 4]  # ... tied in the next block
-    values[:, :, 37] = values[:, :, 4]
-    values[:, :, 30] = values[:, :, 9]
-    values[:, :, 25] = values[:, :, 9]
-    values[:, :, 26] = values[:, :, 25]
-    for dtype in (torch.float32, torch.bfloat16):
-        x = in_layout(values.to(dtype), "channels_last")
-        for cfg in (SMALL_FWD, None):
-            out = triton_impl.forward(x, 4, True, config=cfg)
-            assert out.indices[:, 0].tolist() == [4, 4]
-            check_greedy(x, out.indices, rel=1e-4)
-            ref = torch_impl.forward(x, 4, True)
-            assert torch.equal(out.indices, ref.indices)
-
-
 def test_signed_cancellation_degenerate_part():
     """S_k cancels exactly: the part is degenerate (uniform map, inv_sums 0), no NaN anywhere."""
     x = torch.tensor([[[1.0, -1.0, 0.5, -0.5]]], dtype=torch.float64, device=DEVICE)
@@ -342,17 +331,6 @@ def test_signed_cancellation_degenerate_part():
     grads = random_grads(x, 2, 2)
     dx = triton_impl.backward(x, *no_activity(grads), out.saved(), True)
     assert_close(dx, torch_impl.backward(x, *no_activity(grads), ref.saved(), True), 1e-12, "dx")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bitwise_deterministic(dtype):
-    x = in_layout(make_values(3, 37, 45, "relu", 9).to(dtype), "channels_last")
-    a = triton_impl.forward(x, 3, True, config=SMALL_FWD)
-    b = triton_impl.forward(x, 3, True, config=SMALL_FWD)
-    for u, v in zip(a, b):
-        assert torch.equal(u, v)
-    grads = random_grads(x, 3, 9)
-    assert torch.equal(triton_impl.backward(x, *no_activity(grads), a.saved(), True), triton_impl.backward(x, *no_activity(grads), b.saved(), True))
 
 
 def test_unsupported_dtype_raises():
@@ -410,15 +388,6 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         brnpa_triton.brnpa(torch.rand(1, 2, 3, 3), 2, backend="triton")
-
-
-def test_configs_are_finite():
-    cfgs = triton_impl.all_configs()
-    assert 1 <= len(cfgs["forward"]) <= 8 and 1 <= len(cfgs["backward"]) <= 16
-    for kernel, items in cfgs.items():
-        for _, cfg in items:
-            assert all(isinstance(v, int) and v > 0 for v in cfg.values()), cfg
-            assert math.log2(cfg["BLOCK_C"]).is_integer() and math.log2(cfg["BLOCK_N"]).is_integer()
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -1,6 +1,9 @@
-"""Triton kernel sources of the fused BR-NPA operator (launchers: ``brnpa_triton.ops.triton_impl``)."""
+"""Triton kernel sources of the fused BR-NPA operator (launchers and launch plans:
+``brnpa_triton.ops.triton_impl``). ``forward`` holds the forward's K + 2 launches, ``backward``
+the backward's 2, ``common`` what they share."""
 
-from brnpa_triton.ops.kernels.backward import brnpa_backward_kernel
-from brnpa_triton.ops.kernels.forward import brnpa_forward_kernel
+from brnpa_triton.ops.kernels.backward import backward_dx_kernel, backward_seeds_kernel
+from brnpa_triton.ops.kernels.forward import forward_final_kernel, forward_norms_kernel, forward_part_kernel
 
-__all__ = ["brnpa_forward_kernel", "brnpa_backward_kernel"]
+__all__ = ["forward_norms_kernel", "forward_part_kernel", "forward_final_kernel", "backward_dx_kernel",
+           "backward_seeds_kernel"]

@@ -1,6 +1,8 @@
-"""Fused BR-NPA backward (the spec's closed form): one program per image, one read of X.
+"""Fused BR-NPA backward (the spec's closed form): 2 launches over grid (B, S), X read once,
+dX written once (plus the K seed columns).
 
-With sim, S, a, v, r, rho as in the forward, gV = dL/dv and gA = dL/da:
+With sim, S, a, v, r, rho as in the forward, gV = dL/dv (plus the activity gradient,
+gAct_k v_k / ||v_k||) and gA = dL/da:
 
     T_k       = sum_n gA_kn a_kn + gV_k . v_k                 (saved outputs only)
     simbar_kn = (gA_kn + gV_k . x_n - T_k) / S_k              (0 for degenerate parts)
@@ -11,205 +13,402 @@ With sim, S, a, v, r, rho as in the forward, gV = dL/dv and gA = dL/da:
                 w_k = sum_n simbar_kn sim_kn
 (without refinement the gV terms leave abar, T and dx_n, and dx_ik += gV_k instead).
 
-Program b: (1) T_k from the saved outputs; (2) for each N-block: phase A sweeps the C-blocks
-computing the dot products of the tile with r_k and gV_k for KC parts at a time
-((KC, BLOCK_C, BLOCK_N) broadcasts reduced over C), giving sim, simbar, U (to the workspace),
-radial and w_k; phase B sweeps the C-blocks again (the tile is re-read from cache), writes the
-dx tile and accumulates u_k; (3) after all N-blocks, each distinct seed column is rewritten as
-its phase-B value (recomputed from the workspace in full precision) plus the corrections of
-every part seeded there, so repeated seeds accumulate and nothing is rounded twice.
-u_k and w_k are accumulated over N-blocks in the workspace (read-modify-write once per
-N-block; the barrier between phases A and B orders each N-block's stores before the next
-one's loads; the first N-block does not read, so the workspace needs no zeroing). With more than
-KC parts, phase A re-reads the tile once per group of KC parts.
+Outline:
+1. ``backward_dx_kernel``: each program computes T_k and ||v_k|| for its image (saved outputs
+   only), then for each tile of its chunk: one sweep over C for the dot products with the
+   seeds and with gV (parts in groups of KG), giving sim, simbar, U and radial; a second sweep
+   over the same tile (from cache) writes dx and adds the tile's share of u_k; w_k and u_k are
+   accumulated per chunk in the workspace.
+2. ``backward_seeds_kernel``: each program sums the chunks' u_k, w_k over a slice of channels
+   (chunk order) and adds the corrections to the seed columns; a column seeded by several parts
+   gets all their corrections, written once.
 """
 
 import triton
 import triton.language as tl
 
-from brnpa_triton.ops.kernels.common import EPS_C, acc_const, load_tile
+from brnpa_triton.ops.kernels.common import (
+    INTEGER_ARGS,
+    from_units,
+    EPS_C,
+    acc_const,
+    acc_sqrt,
+    bound_if,
+    column_offsets,
+    image_base,
+    load_column,
+    load_tile,
+    tile_offsets,
+)
 
 
 @triton.jit
-def brnpa_backward_kernel(
-    x_ptr,  # (B, C, N) any strides
-    gv_ptr, ga_ptr, gn_ptr,  # gradients (B, K, C), (B, K, N), (B, N), contiguous
-    vec_ptr, maps_ptr, idx_ptr, norms_ptr, inv_ptr,  # saved forward outputs, contiguous
-    dx_ptr,  # (B, C, N) any strides
-    ws_ptr,  # workspace, (B, 2K + K N + N + K C) ACC, uninitialised
-    C, N, K,
-    stride_xb, stride_xc, stride_xn,
-    stride_db, stride_dc, stride_dn,
-    REFINE: tl.constexpr, KC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    xb = x_ptr + b * stride_xb
-    dxb = dx_ptr + b * stride_db
-    gv_b = gv_ptr + b * K * C
-    ga_b = ga_ptr + b * K * N
-    gn_b = gn_ptr + b * N
-    vec_b = vec_ptr + b * K * C
-    maps_b = maps_ptr + b * K * N
-    idx_b = idx_ptr + b * K
-    norms_b = norms_ptr + b * N
-    inv_b = inv_ptr + b * K
-    ws_b = ws_ptr + b * (2 * K + K * N + N + K * C)
-    t_ws = ws_b  # T_k, (K,)
-    w_ws = ws_b + K  # w_k, (K,)
-    u_coef_ws = ws_b + 2 * K  # U_kn, (K, N)
-    rad_ws = ws_b + 2 * K + K * N  # radial_n, (N,)
-    u_ws = ws_b + 2 * K + K * N + N  # u_k, (K, C)
+def _grad_vectors(gvec_b, vec_b, gact_b, lengths, offs_k, valid_k, offs_c, mask_kc, C, HAS_GRAD_VECTORS: tl.constexpr,
+                  HAS_GRAD_ACTIVITY: tl.constexpr, KG: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """gV_k + gAct_k v_k / ||v_k|| for a group of parts and a block of channels, (KG, BLOCK_C)."""
+    grad = tl.zeros([KG, BLOCK_C], ACC)
+    offsets = offs_k[:, None] * C + offs_c[None, :]
+    if HAS_GRAD_VECTORS:
+        grad += tl.load(gvec_b + offsets, mask=mask_kc, other=0.0).to(ACC)
+    if HAS_GRAD_ACTIVITY:
+        v = tl.load(vec_b + offsets, mask=mask_kc, other=0.0).to(ACC)
+        g_act = tl.load(gact_b + offs_k, mask=valid_k, other=0.0).to(ACC)
+        unit = tl.where(lengths > 0, g_act / tl.where(lengths > 0, lengths, 1.0), 0.0)
+        grad += unit[:, None] * v
+    return grad
 
-    ar_k = tl.arange(0, KC)
-    ar_c = tl.arange(0, BLOCK_C)
-    ar_n = tl.arange(0, BLOCK_N)
+
+@triton.jit
+def _image_totals(gvec_b, gmap_b, gact_b, vec_b, maps_b, totals_ws, K, C, N, REFINE: tl.constexpr,
+                  HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_MAPS: tl.constexpr, HAS_GRAD_ACTIVITY: tl.constexpr,
+                  KG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+    """T_k and ||v_k|| of image b, to this program's slot (2, K) of the workspace."""
+    for k0 in range(0, K, KG):
+        offs_k = k0 + tl.arange(0, KG)
+        valid_k = offs_k < K
+        lengths = tl.zeros([KG], ACC)
+        if HAS_GRAD_ACTIVITY:
+            squares = tl.zeros([KG, BLOCK_C], ACC)
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                mask = valid_k[:, None] & (offs_c < C)[None, :]
+                v = tl.load(vec_b + offs_k[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
+                squares += v * v
+            lengths = acc_sqrt(tl.sum(squares, axis=1), ACC)
+        totals = tl.zeros([KG], ACC)
+        if HAS_GRAD_MAPS:
+            products = tl.zeros([KG, BLOCK_N], ACC)
+            for n0 in range(0, N, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask = valid_k[:, None] & (offs_n < N)[None, :]
+                offsets = offs_k[:, None] * N + offs_n[None, :]
+                g = tl.load(gmap_b + offsets, mask=mask, other=0.0).to(ACC)
+                a = tl.load(maps_b + offsets, mask=mask, other=0.0).to(ACC)
+                products += g * a
+            totals += tl.sum(products, axis=1)
+        if REFINE:
+            if HAS_GRAD_VECTORS or HAS_GRAD_ACTIVITY:
+                products_v = tl.zeros([KG, BLOCK_C], ACC)
+                for c0 in range(0, C, BLOCK_C):
+                    offs_c = c0 + tl.arange(0, BLOCK_C)
+                    mask = valid_k[:, None] & (offs_c < C)[None, :]
+                    g = _grad_vectors(gvec_b, vec_b, gact_b, lengths, offs_k, valid_k, offs_c, mask, C,
+                                      HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, ACC)
+                    v = tl.load(vec_b + offs_k[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
+                    products_v += g * v
+                totals += tl.sum(products_v, axis=1)
+        tl.store(totals_ws + offs_k, totals, mask=valid_k)
+        tl.store(totals_ws + K + offs_k, lengths, mask=valid_k)
+
+
+@triton.jit
+def _part_columns(x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, part, offs_c, C, N, K,
+                  stride_c, stride_n, LAYOUT: tl.constexpr, ALIGN: tl.constexpr, WITH_GRAD: tl.constexpr,
+                  HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_ACTIVITY: tl.constexpr, BLOCK_C: tl.constexpr,
+                  ACC: tl.constexpr):
+    """(r_k / rho_ik, gV_k + gAct_k v_k / ||v_k||) over a block of channels for part ``part``:
+    zeros for a part past K, and the seed column only read when the seed lies in [0, N)."""
+    valid = (part + tl.zeros([], tl.int32)) < K
+    seed = tl.load(indices_b + part, mask=valid, other=0)
+    seed_valid = valid & (seed >= 0) & (seed < N)
+    safe = tl.where(seed_valid, seed, 0)
+    rho_seed = tl.load(norms_b + safe, mask=seed_valid, other=0.0) + acc_const(EPS_C, ACC)
+    row = load_column(x_b, offs_c, safe, seed_valid, C, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+    row = row * (acc_const(1.0, ACC) / rho_seed)
+    grad = tl.zeros([BLOCK_C], ACC)
+    if WITH_GRAD:
+        part_c = offs_c < bound_if(valid, C)
+        if HAS_GRAD_VECTORS:
+            grad += tl.load(gvec_b + part * C + offs_c, mask=part_c, other=0.0).to(ACC)
+        if HAS_GRAD_ACTIVITY:
+            length = tl.load(totals_ws + K + part, mask=valid, other=0.0)
+            g_act = tl.load(gact_b + part, mask=valid, other=0.0).to(ACC)
+            v = tl.load(vec_b + part * C + offs_c, mask=part_c, other=0.0).to(ACC)
+            grad += tl.where(length > 0, g_act / tl.where(length > 0, length, 1.0), 0.0) * v
+    return row, grad
+
+
+@triton.jit
+def _tile_part_dots(x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, k0, offs_n, C, N, K,
+                    stride_c, stride_n, LAYOUT: tl.constexpr, ALIGN: tl.constexpr, WITH_GRAD: tl.constexpr,
+                    HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_ACTIVITY: tl.constexpr, KG: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+    """dot(x_n, r_k / rho_ik) and gV_k . x_n for one tile of positions and parts k0 .. k0 + KG - 1
+    (KG <= 4), accumulated elementwise over the C loop, one accumulator per part, and reduced
+    over C once after it: eight (BLOCK_N,) vectors (zeros for parts past K or KG)."""
+    s0 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    s1 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    s2 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    s3 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    g0 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    g1 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    g2 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    g3 = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    # The next tile's loads are issued before this one is used: two tiles in flight.
+    tile = load_tile(x_b, tl.arange(0, BLOCK_C), offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+    for c0 in range(0, C, BLOCK_C):  # streams X
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        upcoming = load_tile(x_b, offs_c + BLOCK_C, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+        row, grad = _part_columns(x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, k0, offs_c, C, N, K,
+                                  stride_c, stride_n, LAYOUT, ALIGN, WITH_GRAD, HAS_GRAD_VECTORS,
+                                  HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
+        s0 += tile * row[:, None]
+        if WITH_GRAD:
+            g0 += tile * grad[:, None]
+        if KG > 1:
+            row, grad = _part_columns(x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, k0 + 1, offs_c, C,
+                                      N, K, stride_c, stride_n, LAYOUT, ALIGN, WITH_GRAD, HAS_GRAD_VECTORS,
+                                      HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
+            s1 += tile * row[:, None]
+            if WITH_GRAD:
+                g1 += tile * grad[:, None]
+        if KG > 2:
+            row, grad = _part_columns(x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, k0 + 2, offs_c, C,
+                                      N, K, stride_c, stride_n, LAYOUT, ALIGN, WITH_GRAD, HAS_GRAD_VECTORS,
+                                      HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
+            s2 += tile * row[:, None]
+            if WITH_GRAD:
+                g2 += tile * grad[:, None]
+            row, grad = _part_columns(x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, k0 + 3, offs_c, C,
+                                      N, K, stride_c, stride_n, LAYOUT, ALIGN, WITH_GRAD, HAS_GRAD_VECTORS,
+                                      HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
+            s3 += tile * row[:, None]
+            if WITH_GRAD:
+                g3 += tile * grad[:, None]
+        tile = upcoming
+    return (tl.sum(s0, axis=0), tl.sum(g0, axis=0), tl.sum(s1, axis=0), tl.sum(g1, axis=0),
+            tl.sum(s2, axis=0), tl.sum(g2, axis=0), tl.sum(s3, axis=0), tl.sum(g3, axis=0))
+
+
+@triton.jit
+def _part_terms(seed_dots, grad_dots, part, offs_n, rho, gmap_b, inv_sums_b, totals_ws, u_coef_b, w_sums_b,
+                accumulate, K, N, S, HAS_GRAD_MAPS: tl.constexpr, ACC: tl.constexpr):
+    """Part ``part``'s simbar and U over one tile: stores U_kn, adds the tile's sum_n simbar sim
+    to the chunk's w_k, and returns U_kn sim_kn (the part's share of the radial term)."""
+    valid = (part + tl.zeros([], tl.int32)) < K
+    part_n = offs_n < bound_if(valid, N)
+    sims = seed_dots / rho
+    abar = grad_dots
+    if HAS_GRAD_MAPS:
+        abar += tl.load(gmap_b + part * N + offs_n, mask=part_n, other=0.0).to(ACC)
+    total = tl.load(totals_ws + part, mask=valid, other=0.0)
+    inv = tl.load(inv_sums_b + part, mask=valid, other=0.0).to(ACC)
+    simbar = tl.where(part_n, (abar - total) * inv, 0.0)
+    u_coef = simbar / rho
+    tl.store(u_coef_b + part * N + offs_n, u_coef, mask=part_n)
+    one = tl.arange(0, 1)
+    w_ptr = w_sums_b + part * S + one
+    previous = tl.load(w_ptr, mask=one < bound_if(valid & accumulate, 1), other=0.0)
+    tl.store(w_ptr, previous + tl.sum(simbar * sims, axis=0), mask=one < bound_if(valid, 1))
+    return u_coef * sims
+
+
+@triton.jit
+def _part_dx(dx, tile, x_b, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b, u_sums_b, part,
+             offs_c, offs_n, accumulate, C, N, K, S, stride_c, stride_n, LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
+             WITH_GRAD: tl.constexpr, HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_ACTIVITY: tl.constexpr,
+             BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """dx tile += a_kn gV_k + U_kn r_k / rho_ik for part ``part``; adds the tile's sum_n U_kn x_n
+    to the chunk's u_k."""
+    valid = (part + tl.zeros([], tl.int32)) < K
+    part_n = offs_n < bound_if(valid, N)
+    row, grad = _part_columns(x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, part, offs_c, C, N, K,
+                              stride_c, stride_n, LAYOUT, ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY,
+                              BLOCK_C, ACC)
+    u_coef = tl.load(u_coef_b + part * N + offs_n, mask=part_n, other=0.0)
+    dx += u_coef[None, :] * row[:, None]
+    if WITH_GRAD:
+        a = tl.load(maps_b + part * N + offs_n, mask=part_n, other=0.0).to(ACC)
+        dx += a[None, :] * grad[:, None]
+    u_ptrs = u_sums_b + part * S * C + offs_c
+    previous = tl.load(u_ptrs, mask=offs_c < bound_if(valid & accumulate, C), other=0.0)
+    tl.store(u_ptrs, previous + tl.sum(tile * u_coef[None, :], axis=1), mask=offs_c < bound_if(valid, C))
+    return dx
+
+
+@triton.jit
+def _tile_dx(x_b, dx_b, offs_n, radial, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
+             u_sums_b, accumulate, C, N, K, S, stride_c, stride_n, stride_dc, stride_dn,
+             LAYOUT: tl.constexpr, ALIGN: tl.constexpr, DX_LAYOUT: tl.constexpr, DX_ALIGN: tl.constexpr,
+             WITH_GRAD: tl.constexpr, HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_ACTIVITY: tl.constexpr,
+             KG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+    """Writes dx for one tile (second look at the tile, from cache) and adds the tile's
+    sum_n U_kn x_n to the chunks' partial u_k."""
+    valid_n = offs_n < N
+    # The next tile's loads are issued before this one is used: two tiles in flight.
+    tile = load_tile(x_b, tl.arange(0, BLOCK_C), offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+    for c0 in range(0, C, BLOCK_C):  # streams X
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        upcoming = load_tile(x_b, offs_c + BLOCK_C, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+        dx = radial[None, :] * tile
+        for k0 in range(0, K, KG):
+            dx = _part_dx(dx, tile, x_b, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
+                          u_sums_b, k0, offs_c, offs_n, accumulate, C, N, K, S, stride_c, stride_n, LAYOUT, ALIGN,
+                          WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
+            if KG > 1:
+                dx = _part_dx(dx, tile, x_b, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
+                              u_sums_b, k0 + 1, offs_c, offs_n, accumulate, C, N, K, S, stride_c, stride_n, LAYOUT,
+                              ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
+            if KG > 2:
+                dx = _part_dx(dx, tile, x_b, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
+                              u_sums_b, k0 + 2, offs_c, offs_n, accumulate, C, N, K, S, stride_c, stride_n, LAYOUT,
+                              ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
+                dx = _part_dx(dx, tile, x_b, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
+                              u_sums_b, k0 + 3, offs_c, offs_n, accumulate, C, N, K, S, stride_c, stride_n, LAYOUT,
+                              ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, BLOCK_C, ACC)
+        offsets = tile_offsets(offs_c, offs_n, stride_dc, stride_dn, DX_LAYOUT, DX_ALIGN)
+        tl.store(dx_b + offsets, dx.to(dx_b.dtype.element_ty), mask=(offs_c < C)[:, None] & valid_n[None, :])
+        tile = upcoming
+
+
+@triton.jit(do_not_specialize=INTEGER_ARGS["backward_dx_kernel"])
+def backward_dx_kernel(
+    x_ptr, dx_ptr,  # (B, C, N), each with its layout; strides in units of (DX_)ALIGN when contiguous
+    gvec_ptr, gmap_ptr, gact_ptr, gnorm_ptr,  # gradients (B,K,C), (B,K,N), (B,K), (B,N), contiguous (HAS_*)
+    vec_ptr, maps_ptr, indices_ptr, norms_ptr, inv_sums_ptr,  # saved forward outputs, contiguous
+    totals_ptr,  # workspace (B, S, 2, K): each program's T_k and ||v_k||
+    u_coef_ptr,  # workspace (B, K, N): U_kn
+    u_sums_ptr,  # workspace (B, K, S, C): the chunks' u_k
+    w_sums_ptr,  # workspace (B, K, S): the chunks' w_k
+    C, N, K, S, tiles_per_chunk,
+    stride_xb, stride_xc, stride_xn, stride_db, stride_dc, stride_dn,
+    LAYOUT: tl.constexpr, ALIGN: tl.constexpr, DX_LAYOUT: tl.constexpr, DX_ALIGN: tl.constexpr,
+    REFINE: tl.constexpr, HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_MAPS: tl.constexpr,
+    HAS_GRAD_ACTIVITY: tl.constexpr, HAS_GRAD_NORMS: tl.constexpr,
+    KG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    C_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, ACC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    C = from_units(C, C_ALIGN)
+    N = from_units(N, N_ALIGN)
+    b64 = b.to(tl.int64)
+    x_b = image_base(x_ptr, b, stride_xb, LAYOUT, ALIGN)
+    dx_b = image_base(dx_ptr, b, stride_db, DX_LAYOUT, DX_ALIGN)
+    gvec_b = gvec_ptr + b64 * K * C
+    gmap_b = gmap_ptr + b64 * K * N
+    inv_sums_b = inv_sums_ptr + b64 * K
+    gact_b = gact_ptr + b64 * K
+    vec_b = vec_ptr + b64 * K * C
+    maps_b = maps_ptr + b64 * K * N
+    indices_b = indices_ptr + b64 * K
+    norms_b = norms_ptr + b64 * N
+    totals_ws = totals_ptr + (b64 * S + s) * 2 * K
+    u_coef_b = u_coef_ptr + b64 * K * N
+    u_sums_b = u_sums_ptr + b64 * K * S * C + s * C  # part k at + k * S * C
+    w_sums_b = w_sums_ptr + b64 * K * S + s  # part k at + k * S
     eps = acc_const(EPS_C, ACC)
     one = acc_const(1.0, ACC)
+    WITH_GRAD: tl.constexpr = REFINE and (HAS_GRAD_VECTORS or HAS_GRAD_ACTIVITY)
 
-    # ---- (1) T_k = sum_n gA_kn a_kn (+ gV_k . v_k) -----------------------------------------
-    for k0 in range(0, K, KC):
-        offs_k = k0 + ar_k
-        kmask = offs_k < K
-        acc_t = tl.zeros([KC, BLOCK_N], ACC)
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + ar_n
-            m_kn = kmask[:, None] & (offs_n < N)[None, :]
-            off_kn = offs_k[:, None] * N + offs_n[None, :]
-            ga = tl.load(ga_b + off_kn, mask=m_kn, other=0.0).to(ACC)
-            a = tl.load(maps_b + off_kn, mask=m_kn, other=0.0).to(ACC)
-            acc_t += ga * a
-        t = tl.sum(acc_t, axis=1)
-        if REFINE:
-            acc_v = tl.zeros([KC, BLOCK_C], ACC)
-            for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + ar_c
-                m_kc = kmask[:, None] & (offs_c < C)[None, :]
-                off_kc = offs_k[:, None] * C + offs_c[None, :]
-                g = tl.load(gv_b + off_kc, mask=m_kc, other=0.0).to(ACC)
-                v = tl.load(vec_b + off_kc, mask=m_kc, other=0.0).to(ACC)
-                acc_v += g * v
-            t += tl.sum(acc_v, axis=1)
-        tl.store(t_ws + offs_k, t, mask=kmask)
-    tl.debug_barrier()
+    _image_totals(gvec_b, gmap_b, gact_b, vec_b, maps_b, totals_ws, K, C, N, REFINE, HAS_GRAD_VECTORS,
+                  HAS_GRAD_MAPS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, BLOCK_N, ACC)
+    tl.debug_barrier()  # the totals are read back by other threads
 
-    # ---- (2) one pass over X -------------------------------------------------------------
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + ar_n
-        nmask = offs_n < N
-        nrm = tl.load(norms_b + offs_n, mask=nmask, other=0.0).to(ACC)
-        rho = nrm + eps
-        rad = tl.load(gn_b + offs_n, mask=nmask, other=0.0).to(ACC)
-        k_first = tl.where(n0 > 0, K, 0)  # the first N-block writes w and u without reading
-        # phase A: dot products, simbar, U, radial, w
-        for k0 in range(0, K, KC):
-            offs_k = k0 + ar_k
-            kmask = offs_k < K
-            ik = tl.load(idx_b + offs_k, mask=kmask, other=0)
-            rho_i = tl.load(norms_b + ik, mask=kmask, other=0.0).to(ACC) + eps
-            t = tl.load(t_ws + offs_k, mask=kmask, other=0.0)
-            inv = tl.load(inv_b + offs_k, mask=kmask, other=0.0).to(ACC)
-            p_r = tl.zeros([KC, BLOCK_N], ACC)
-            p_g = tl.zeros([KC, BLOCK_N], ACC)
-            for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + ar_c
-                tile = load_tile(xb, offs_c, offs_n, stride_xc, stride_xn, C, N, ACC)
-                m_kc = kmask[:, None] & (offs_c < C)[None, :]
-                r = tl.load(
-                    xb + ik[:, None] * stride_xn + offs_c.to(tl.int64)[None, :] * stride_xc,
-                    mask=m_kc, other=0.0,
-                ).to(ACC)
-                p_r += tl.sum(r[:, :, None] * tile[None, :, :], axis=1)
-                if REFINE:
-                    g = tl.load(gv_b + offs_k[:, None] * C + offs_c[None, :], mask=m_kc, other=0.0).to(ACC)
-                    p_g += tl.sum(g[:, :, None] * tile[None, :, :], axis=1)
-            m_kn = kmask[:, None] & nmask[None, :]
-            off_kn = offs_k[:, None] * N + offs_n[None, :]
-            sim = p_r / (rho[None, :] * rho_i[:, None])
-            abar = tl.load(ga_b + off_kn, mask=m_kn, other=0.0).to(ACC)
-            if REFINE:
-                abar += p_g
-            simbar = tl.where(m_kn, (abar - t[:, None]) * inv[:, None], 0.0)
-            u_coef = simbar / rho[None, :]
-            tl.store(u_coef_ws + off_kn, u_coef, mask=m_kn)
-            rad -= tl.sum(u_coef * sim, axis=0)
-            w_part = tl.sum(simbar * sim, axis=1)
-            w_old = tl.load(w_ws + offs_k, mask=offs_k < k_first, other=0.0)
-            tl.store(w_ws + offs_k, w_old + w_part, mask=kmask)
-        rad = tl.where(nrm > 0, rad / tl.where(nrm > 0, nrm, one), 0.0)
-        tl.store(rad_ws + offs_n, rad, mask=nmask)
-        tl.debug_barrier()
-        # phase B: dx tile, u
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + ar_c
-            cmask = offs_c < C
-            tile = load_tile(xb, offs_c, offs_n, stride_xc, stride_xn, C, N, ACC)
-            acc = tile * rad[None, :]
-            for k0 in range(0, K, KC):
-                offs_k = k0 + ar_k
-                kmask = offs_k < K
-                ik = tl.load(idx_b + offs_k, mask=kmask, other=0)
-                rho_i = tl.load(norms_b + ik, mask=kmask, other=0.0).to(ACC) + eps
-                m_kc = kmask[:, None] & cmask[None, :]
-                m_kn = kmask[:, None] & nmask[None, :]
-                off_kn = offs_k[:, None] * N + offs_n[None, :]
-                r = tl.load(
-                    xb + ik[:, None] * stride_xn + offs_c.to(tl.int64)[None, :] * stride_xc,
-                    mask=m_kc, other=0.0,
-                ).to(ACC)
-                u_coef = tl.load(u_coef_ws + off_kn, mask=m_kn, other=0.0)
-                acc += tl.sum((r / rho_i[:, None])[:, :, None] * u_coef[:, None, :], axis=0)
-                if REFINE:
-                    g = tl.load(gv_b + offs_k[:, None] * C + offs_c[None, :], mask=m_kc, other=0.0).to(ACC)
-                    a = tl.load(maps_b + off_kn, mask=m_kn, other=0.0).to(ACC)
-                    acc += tl.sum(g[:, :, None] * a[:, None, :], axis=0)
-                u_part = tl.sum(u_coef[:, None, :] * tile[None, :, :], axis=2)
-                u_ptr = u_ws + offs_k[:, None] * C + offs_c[None, :]
-                u_old = tl.load(u_ptr, mask=(offs_k < k_first)[:, None] & cmask[None, :], other=0.0)
-                tl.store(u_ptr, u_old + u_part, mask=m_kc)
-            dx_ptrs = dxb + offs_c.to(tl.int64)[:, None] * stride_dc + offs_n.to(tl.int64)[None, :] * stride_dn
-            tl.store(dx_ptrs, acc.to(dx_ptrs.dtype.element_ty), mask=cmask[:, None] & nmask[None, :])
-    tl.debug_barrier()
+    chunk_start = s * tiles_per_chunk * BLOCK_N
+    for t in range(0, tiles_per_chunk):  # streams X
+        offs_n = chunk_start + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < N
+        norms = tl.load(norms_b + offs_n, mask=valid_n, other=0.0)
+        rho = norms + eps
+        radial = tl.zeros([BLOCK_N], ACC)
+        if HAS_GRAD_NORMS:
+            radial += tl.load(gnorm_ptr + b64 * N + offs_n, mask=valid_n, other=0.0).to(ACC)
+        for k0 in range(0, K, KG):  # streams X (more than 4 parts: the tile again, from cache)
+            s0, g0, s1, g1, s2, g2, s3, g3 = _tile_part_dots(
+                x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, k0, offs_n, C, N, K, stride_xc, stride_xn,
+                LAYOUT, ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, BLOCK_N, ACC)
+            radial -= _part_terms(s0, g0, k0, offs_n, rho, gmap_b, inv_sums_b, totals_ws, u_coef_b, w_sums_b, t > 0,
+                                  K, N, S, HAS_GRAD_MAPS, ACC)
+            if KG > 1:
+                radial -= _part_terms(s1, g1, k0 + 1, offs_n, rho, gmap_b, inv_sums_b, totals_ws, u_coef_b, w_sums_b,
+                                      t > 0, K, N, S, HAS_GRAD_MAPS, ACC)
+            if KG > 2:
+                radial -= _part_terms(s2, g2, k0 + 2, offs_n, rho, gmap_b, inv_sums_b, totals_ws, u_coef_b, w_sums_b,
+                                      t > 0, K, N, S, HAS_GRAD_MAPS, ACC)
+                radial -= _part_terms(s3, g3, k0 + 3, offs_n, rho, gmap_b, inv_sums_b, totals_ws, u_coef_b, w_sums_b,
+                                      t > 0, K, N, S, HAS_GRAD_MAPS, ACC)
+        radial = tl.where(norms > 0, radial / tl.where(norms > 0, norms, one), 0.0)
+        tl.debug_barrier()  # U_kn, stored above, is reloaded by other threads
+        _tile_dx(x_b, dx_b, offs_n, radial, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
+                 u_sums_b, t > 0, C, N, K, S, stride_xc, stride_xn, stride_dc, stride_dn, LAYOUT, ALIGN, DX_LAYOUT,
+                 DX_ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, BLOCK_N, ACC)
+        tl.debug_barrier()  # this tile's partial u_k, w_k are stored before the next tile reloads them
 
-    # ---- (3) seed columns: phase-B value + corrections of every part seeded there --------
+
+@triton.jit
+def _seed_correction(x_b, k, seed, c_offs, c_stop, u_sums_b, w_sums_b, norms_b, gvec_b, vec_b, gact_b, length,
+                     C, S, stride_c, stride_n, LAYOUT: tl.constexpr, ALIGN: tl.constexpr, REFINE: tl.constexpr,
+                     HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_ACTIVITY: tl.constexpr, BLOCK_S: tl.constexpr,
+                     ACC: tl.constexpr):
+    """u_k / rho_ik - w_k r_k / (rho_ik ||r_k||) (+ gV_k without refinement) over c_offs."""
+    u = tl.zeros(c_offs.shape, ACC)
+    for chunk in range(0, S):  # chunk order: deterministic
+        u += tl.load(u_sums_b + (k * S + chunk) * C + c_offs, mask=c_offs < c_stop, other=0.0)
+    w_parts = tl.zeros([BLOCK_S], ACC)
+    for s0 in range(0, S, BLOCK_S):
+        offs = s0 + tl.arange(0, BLOCK_S)
+        w_parts += tl.load(w_sums_b + k * S + offs, mask=offs < S, other=0.0)
+    w = tl.sum(w_parts, axis=0)
+    norm = tl.load(norms_b + seed)
+    rho = norm + acc_const(EPS_C, ACC)
+    inv_seed_norm = tl.where(norm > 0, 1.0 / (rho * tl.where(norm > 0, norm, 1.0)), 0.0)
+    safe = c_offs < c_stop
+    r = tl.load(x_b + column_offsets(c_offs, seed, stride_c, LAYOUT, ALIGN, stride_n), mask=safe, other=0.0).to(ACC)
+    correction = u / rho - (w * inv_seed_norm) * r
+    if not REFINE:
+        if HAS_GRAD_VECTORS:
+            correction += tl.load(gvec_b + k * C + c_offs, mask=safe, other=0.0).to(ACC)
+        if HAS_GRAD_ACTIVITY:
+            v = tl.load(vec_b + k * C + c_offs, mask=safe, other=0.0).to(ACC)
+            g_act = tl.load(gact_b + k).to(ACC)
+            correction += tl.where(length > 0, g_act / tl.where(length > 0, length, 1.0), 0.0) * v
+    return correction
+
+
+@triton.jit(do_not_specialize=INTEGER_ARGS["backward_seeds_kernel"])
+def backward_seeds_kernel(
+    x_ptr, dx_ptr,
+    gvec_ptr, gact_ptr, vec_ptr, indices_ptr, norms_ptr,
+    totals_ptr, u_sums_ptr, w_sums_ptr,  # from backward_dx_kernel
+    C, N, K, S, c_per_program,
+    stride_xb, stride_xc, stride_xn, stride_db, stride_dc, stride_dn,
+    LAYOUT: tl.constexpr, ALIGN: tl.constexpr, DX_LAYOUT: tl.constexpr, DX_ALIGN: tl.constexpr,
+    REFINE: tl.constexpr, HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_ACTIVITY: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, C_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, ACC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    C = from_units(C, C_ALIGN)
+    N = from_units(N, N_ALIGN)
+    b64 = b.to(tl.int64)
+    x_b = image_base(x_ptr, b, stride_xb, LAYOUT, ALIGN)
+    dx_b = image_base(dx_ptr, b, stride_db, DX_LAYOUT, DX_ALIGN)
+    indices_b = indices_ptr + b64 * K
+    norms_b = norms_ptr + b64 * N
+    u_sums_b = u_sums_ptr + b64 * K * S * C
+    w_sums_b = w_sums_ptr + b64 * K * S
+    lengths_b = totals_ptr + b64 * S * 2 * K + K  # program (b, 0)'s ||v_k||
+    c_start = s * c_per_program
+    c_stop = tl.minimum(c_start + c_per_program, C)
     for k in range(0, K):
-        i_k = tl.load(idx_b + k)
-        dup = tl.zeros([], tl.int32)  # parts before k seeded at the same column
-        for k0 in range(0, K, KC):
-            offs_k = k0 + ar_k
-            i_j = tl.load(idx_b + offs_k, mask=offs_k < k, other=-1)
-            dup += tl.sum(tl.where(i_j == i_k, 1, 0), axis=0)
-        c_lim = tl.where(dup == 0, C, 0)  # only the first part of a column writes it
-        rad_i = tl.load(rad_ws + i_k)
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + ar_c
-            cmask = offs_c < c_lim
-            x_i = tl.load(xb + i_k * stride_xn + offs_c.to(tl.int64) * stride_xc, mask=cmask, other=0.0).to(ACC)
-            val = x_i * rad_i
-            for k0 in range(0, K, KC):
-                offs_k = k0 + ar_k
-                kmask = offs_k < K
-                i_j = tl.load(idx_b + offs_k, mask=kmask, other=0)
-                nrm_j = tl.load(norms_b + i_j, mask=kmask, other=0.0).to(ACC)
-                rho_j = nrm_j + eps
-                m_kc = kmask[:, None] & cmask[None, :]
-                off_kc = offs_k[:, None] * C + offs_c[None, :]
-                r = tl.load(
-                    xb + i_j[:, None] * stride_xn + offs_c.to(tl.int64)[None, :] * stride_xc,
-                    mask=m_kc, other=0.0,
-                ).to(ACC)
-                g = tl.load(gv_b + off_kc, mask=m_kc, other=0.0).to(ACC)
-                u_coef = tl.load(u_coef_ws + offs_k * N + i_k, mask=kmask, other=0.0)
-                val += tl.sum((r / rho_j[:, None]) * u_coef[:, None], axis=0)
-                if REFINE:
-                    a = tl.load(maps_b + offs_k * N + i_k, mask=kmask, other=0.0).to(ACC)
-                    val += tl.sum(g * a[:, None], axis=0)
-                u = tl.load(u_ws + off_kc, mask=m_kc, other=0.0)
-                w = tl.load(w_ws + offs_k, mask=kmask, other=0.0)
-                inv_seed_norm = tl.where(nrm_j > 0, one / (rho_j * tl.where(nrm_j > 0, nrm_j, one)), 0.0)
-                corr = u / rho_j[:, None] - (w * inv_seed_norm)[:, None] * r
-                if not REFINE:
-                    corr += g
-                same = kmask & (i_j == i_k)
-                val += tl.sum(tl.where(same[:, None], corr, 0.0), axis=0)
-            tl.store(dxb + i_k * stride_dn + offs_c.to(tl.int64) * stride_dc, val.to(dx_ptr.dtype.element_ty), mask=cmask)
+        seed = tl.load(indices_b + k)
+        repeated = tl.zeros([], tl.int32)  # an earlier part with the same seed writes this column
+        for j in range(0, k):
+            repeated += tl.where(tl.load(indices_b + j) == seed, 1, 0)
+        write = (repeated == 0) & (seed >= 0) & (seed < N)
+        safe_seed = tl.where(write, seed, 0)
+        for c0 in range(c_start, c_stop, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            total = tl.zeros([BLOCK_C], ACC)
+            for j in range(k, K):
+                same = write & (tl.load(indices_b + j) == seed)
+                length = tl.load(lengths_b + j)
+                total += _seed_correction(x_b, j, safe_seed, offs_c, bound_if(same, c_stop), u_sums_b, w_sums_b,
+                                          norms_b, gvec_ptr + b64 * K * C, vec_ptr + b64 * K * C, gact_ptr + b64 * K,
+                                          length, C, S, stride_xc, stride_xn, LAYOUT, ALIGN, REFINE,
+                                          HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, BLOCK_S, ACC)
+            column = dx_b + column_offsets(offs_c, safe_seed, stride_dc, DX_LAYOUT, DX_ALIGN, stride_dn)
+            mask = offs_c < bound_if(write, c_stop)
+            previous = tl.load(column, mask=mask, other=0.0).to(ACC)
+            tl.store(column, (previous + total).to(dx_ptr.dtype.element_ty), mask=mask)

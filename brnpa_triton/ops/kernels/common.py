@@ -1,9 +1,24 @@
-"""Helpers shared by the forward and backward kernels.
+"""Helpers shared by the forward and backward kernels (Triton inlines every one of them).
 
-Every helper takes the accumulation dtype ``ACC`` (float32, or float64 for float64 input) as a
-constexpr; loads are upcast to it right away (the interpreter computes bf16 arithmetic wrongly,
-and the contract is fp32/fp64 accumulation anyway). Integer arguments may arrive as constexpr
-(Triton specialises integers equal to 1), so nothing here calls methods on them.
+Conventions of every kernel:
+
+* grid (B, S): program (b, s) owns the chunk of image b's positions
+  [s * tiles_per_chunk * BLOCK_N, (s + 1) * tiles_per_chunk * BLOCK_N), walked one tile of
+  BLOCK_N positions at a time; each tile is swept over C in (BLOCK_C, BLOCK_N) tiles.
+* Programs are one warp: every reduction (over C for dot products and norms, over N for
+  weighted sums) stays within a thread or a warp, so no loop that streams X waits for another
+  warp. Sums over the C loop are accumulated elementwise and reduced once after it, and each
+  C loop loads the next tile before it uses the current one (two tiles in flight). The
+  barriers left are one warp's: after each tile, ordering its workspace stores before the
+  next tile's loads, and where the compiler exchanges a vector between layouts.
+* x is read through a layout constexpr: ``N_CONTIGUOUS`` (NCHW), ``C_CONTIGUOUS``
+  (channels_last, tokens) or ``STRIDED`` (anything else). The strides of a contiguous layout
+  arrive divided by ``ALIGN`` (a power of two chosen by the launcher), so the compiler knows
+  that rows start ALIGN-element aligned (e.g. 784-byte rows at N = 196 in fp32) and loads
+  them 128 bits wide.
+* C and N arrive divided by ``C_ALIGN`` / ``N_ALIGN`` (``from_units``), for the same reason.
+* Everything is computed in ``ACC`` (float32, or float64 for float64 input); loads are upcast
+  right away. Integer arguments may be specialised by Triton, so nothing calls methods on them.
 """
 
 import triton
@@ -13,6 +28,25 @@ from brnpa_triton.ops.common import DEGENERATE_SUM_RATIO, EPS
 
 EPS_C = tl.constexpr(EPS)
 RATIO_C = tl.constexpr(DEGENERATE_SUM_RATIO)
+
+# Integer arguments of each kernel: never specialised (no recompilation when one equals 1 or is
+# a multiple of 16); the launchers give the alignment facts as constexprs instead.
+_SIZES = ["C", "N", "K", "S"]
+_X_STRIDES = ["stride_xb", "stride_xc", "stride_xn"]
+_DX_STRIDES = ["stride_db", "stride_dc", "stride_dn"]
+_SEED_STRIDES = ["seeds_stride_b", "seeds_stride_k"]
+INTEGER_ARGS = {
+    "forward_norms_kernel": _SIZES + ["tiles_per_chunk"] + _X_STRIDES,
+    "forward_part_kernel": ["part"] + _SIZES + ["tiles_per_chunk"] + _X_STRIDES + _SEED_STRIDES,
+    "forward_final_kernel": _SIZES + ["c_per_program"] + _X_STRIDES + _SEED_STRIDES,
+    "backward_dx_kernel": _SIZES + ["tiles_per_chunk"] + _X_STRIDES + _DX_STRIDES,
+    "backward_seeds_kernel": _SIZES + ["c_per_program"] + _X_STRIDES + _DX_STRIDES,
+}
+
+# Layouts of x (and dx): which of its strides is 1.
+N_CONTIGUOUS = tl.constexpr(0)
+C_CONTIGUOUS = tl.constexpr(1)
+STRIDED = tl.constexpr(2)
 
 
 @triton.jit
@@ -31,24 +65,147 @@ def acc_sqrt(v, ACC: tl.constexpr):
 
 
 @triton.jit
-def load_tile(base, offs_c, offs_n, stride_c, stride_n, C, N, ACC: tl.constexpr):
-    """The (BLOCK_C, BLOCK_N) tile x[offs_c, offs_n] of one image, zero outside, upcast to ACC.
-
-    Offsets are int64 so a single image may exceed 2**31 elements.
-    """
-    ptrs = base + offs_c.to(tl.int64)[:, None] * stride_c + offs_n.to(tl.int64)[None, :] * stride_n
-    mask = (offs_c[:, None] < C) & (offs_n[None, :] < N)
-    return tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+def from_units(units, ALIGN: tl.constexpr):
+    """A size the launcher passed divided by ALIGN, a power of two that divides it. The
+    compiler then knows the size is a multiple of ALIGN, so a mask ``offsets < size`` is uniform
+    over each group of ALIGN elements and a masked row of X still loads 128 bits at a time."""
+    return units * ALIGN
 
 
 @triton.jit
-def store_saturating(ptrs, v, mask):
-    """Store v in the pointers' dtype; float16 saturates at +-65504 instead of overflowing to inf.
+def bound_if(condition, bound):
+    """``bound`` where the scalar ``condition`` holds, else 0.
 
-    Gradients at all-zero feature vectors are ~1/eps = 1e5 times the upstream gradient (rho = eps
-    there), and signed features can give vectors beyond float16's range: the library promises
-    finite outputs and gradients for finite input.
+    The one way a scalar condition enters a mask here: ``offsets < bound_if(cond, n)``. (The
+    interpreter mishandles ``block_mask & scalar_bool``; a scalar bound works everywhere.)
     """
+    return tl.where(condition, bound, 0)
+
+
+@triton.jit
+def tile_offsets(offs_c, offs_n, stride_c, stride_n, LAYOUT: tl.constexpr, ALIGN: tl.constexpr):
+    """int64 element offsets of the (BLOCK_C, BLOCK_N) tile [offs_c, offs_n] of one image."""
+    c = offs_c.to(tl.int64)[:, None]
+    n = offs_n.to(tl.int64)[None, :]
+    if LAYOUT == N_CONTIGUOUS:
+        return c * (stride_c * ALIGN) + n
+    elif LAYOUT == C_CONTIGUOUS:
+        return c + n * (stride_n * ALIGN)
+    else:
+        return c * stride_c + n * stride_n
+
+
+@triton.jit
+def column_offsets(offs_c, position, stride_c, LAYOUT: tl.constexpr, ALIGN: tl.constexpr, stride_n):
+    """int64 element offsets of x[offs_c, position] (one feature column, e.g. a seed row)."""
+    c = offs_c.to(tl.int64)
+    p = position.to(tl.int64)
+    if LAYOUT == N_CONTIGUOUS:
+        return c * (stride_c * ALIGN) + p
+    elif LAYOUT == C_CONTIGUOUS:
+        return c + p * (stride_n * ALIGN)
+    else:
+        return c * stride_c + p * stride_n
+
+
+@triton.jit
+def image_base(ptr, b, stride_b, LAYOUT: tl.constexpr, ALIGN: tl.constexpr):
+    """Pointer to image b (stride_b in units of ALIGN for the contiguous layouts)."""
+    if LAYOUT == STRIDED:
+        return ptr + b.to(tl.int64) * stride_b
+    else:
+        return ptr + b.to(tl.int64) * (stride_b * ALIGN)
+
+
+@triton.jit
+def load_tile(x_b, offs_c, offs_n, C, N, stride_c, stride_n, LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
+              ACC: tl.constexpr):
+    """The (BLOCK_C, BLOCK_N) tile x[offs_c, offs_n], zero outside the image, upcast to ACC."""
+    offsets = tile_offsets(offs_c, offs_n, stride_c, stride_n, LAYOUT, ALIGN)
+    mask = (offs_c[:, None] < C) & (offs_n[None, :] < N)
+    return tl.load(x_b + offsets, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def load_column(x_b, offs_c, position, valid, C, stride_c, stride_n, LAYOUT: tl.constexpr,
+                ALIGN: tl.constexpr, ACC: tl.constexpr):
+    """x[offs_c, position] upcast to ACC; zeros unless the scalar ``valid`` holds (the position
+    is only dereferenced when it lies in [0, N): callers pass ``valid``)."""
+    safe = tl.where(valid, position, 0)
+    offsets = column_offsets(offs_c, safe, stride_c, LAYOUT, ALIGN, stride_n)
+    return tl.load(x_b + offsets, mask=offs_c < bound_if(valid, C), other=0.0).to(ACC)
+
+
+@triton.jit
+def cast_saturating(v, ptrs):
+    """v in the pointers' dtype; float16/bfloat16 saturate at their largest finite value, and
+    NaN stays NaN (comparisons with NaN are false, so ``where`` keeps it)."""
     if ptrs.dtype.element_ty == tl.float16:
-        v = tl.minimum(tl.maximum(v, -65504.0), 65504.0)
-    tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
+        v = tl.where(v > 65504.0, 65504.0, tl.where(v < -65504.0, -65504.0, v))
+    elif ptrs.dtype.element_ty == tl.bfloat16:
+        big = 3.3895313892515355e38
+        v = tl.where(v > big, big, tl.where(v < -big, -big, v))
+    return v.to(ptrs.dtype.element_ty)
+
+
+@triton.jit
+def argmax_update(values, offs_n, valid, best, best_index, N):
+    """Running (max, lowest index of the max) over tiles visited in increasing position order."""
+    v = tl.where(valid, values, float("-inf"))
+    tile_best = tl.max(v, axis=0)
+    tile_index = tl.min(tl.where(v == tile_best, offs_n, N), axis=0)
+    take = tile_best > best
+    return tl.where(take, tile_best, best), tl.where(take, tile_index, best_index)
+
+
+@triton.jit
+def reduce_candidates(score_ptr, index_ptr, S, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """The greedy seed: argmax over the S chunks' (max score, lowest index) candidates, visited
+    in chunk order (so in position order): the lowest index wins exact ties. Always in [0, N)."""
+    best = tl.full([], float("-inf"), ACC)
+    best_index = tl.zeros([], tl.int32)
+    for s0 in range(0, S, BLOCK_S):
+        offs = s0 + tl.arange(0, BLOCK_S)
+        valid = offs < S
+        scores = tl.load(score_ptr + offs, mask=valid, other=float("-inf"))
+        indices = tl.load(index_ptr + offs, mask=valid, other=0)
+        block_best = tl.max(scores, axis=0)
+        block_index = tl.min(tl.where(valid & (scores == block_best), indices, 2147483647), axis=0)
+        take = block_best > best
+        best = tl.where(take, block_best, best)
+        best_index = tl.where(take, block_index, best_index)
+    return best_index
+
+
+@triton.jit
+def seed_of_part(part, b, cand_score_ptr, cand_index_ptr, seeds_ptr, seeds_stride_b, seeds_stride_k,
+                 N, K, S, GIVEN_SEEDS: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """(position, valid, value for the indices output) of part ``part``'s seed for image b.
+
+    Given seeds are used as they are for the output, but only dereferenced when in [0, N).
+    """
+    if GIVEN_SEEDS:
+        given = tl.load(seeds_ptr + b.to(tl.int64) * seeds_stride_b + part * seeds_stride_k)
+        valid = (given >= 0) & (given < N)
+        return tl.where(valid, given, 0).to(tl.int32), valid, given
+    else:
+        offset = (b.to(tl.int64) * K + part) * S
+        index = reduce_candidates(cand_score_ptr + offset, cand_index_ptr + offset, S, BLOCK_S, ACC)
+        return index, index == index, index.to(tl.int64)
+
+
+@triton.jit
+def part_inverse(sums_ptr, abs_ptr, S, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """(1 / S_k, degenerate) from the chunks' partial S_k and sum |sim_k|, summed in chunk order;
+    1 / S_k is 0 for a degenerate part (|S_k| <= ratio * sum |sim_k|: a uniform map)."""
+    total = tl.zeros([BLOCK_S], ACC)
+    total_abs = tl.zeros([BLOCK_S], ACC)
+    for s0 in range(0, S, BLOCK_S):
+        offs = s0 + tl.arange(0, BLOCK_S)
+        total += tl.load(sums_ptr + offs, mask=offs < S, other=0.0)
+        total_abs += tl.load(abs_ptr + offs, mask=offs < S, other=0.0)
+    s_sum = tl.sum(total, axis=0)
+    s_abs = tl.sum(total_abs, axis=0)
+    one = acc_const(1.0, ACC)
+    degenerate = tl.abs(s_sum) <= acc_const(RATIO_C, ACC) * s_abs
+    return tl.where(degenerate, 0.0, one / tl.where(degenerate, one, s_sum)), degenerate

@@ -1,193 +1,415 @@
-"""Fused BR-NPA forward: one program per image, the whole greedy selection in one launch.
+"""Fused BR-NPA forward: K + 2 launches over grid (B, S), X read K + 1 times.
 
-Program b owns image b and sweeps its (C, N) slab in (BLOCK_C, BLOCK_N) tiles, N-blocks outer
-and C-blocks inner, so every column reduction over C (norms, dot products with the seed) is
-finished in registers at the end of a C-loop. Passes over X:
+Outline (program (b, s) owns a chunk of image b's positions; see ``common``):
 
-* pass 0: ||x_n|| (norms out, rho_n = ||x_n|| + eps and the score s_n = rho_n to the
-  workspace) and the argmax of s, i.e. the seed i_0;
-* pass j = 1..K: the dot products of every x_n with the seed r_{j-1} = x_{i_{j-1}}, so
-  sim_{j-1,n}, S_{j-1}, the score update and the next argmax; when refining, each N-block's
-  tiles are read a second time, from cache, for the unnormalised weighted sum
-  sum_n sim_{j-1,n} x_n (and, in pass 1 only, sum_n x_n, the vector of a degenerate part);
-  v_{j-1} is that sum times 1/S_{j-1}, written once the pass has S_{j-1}.
+1. ``forward_norms_kernel``: ||x_n|| for the chunk (fast sum of squares, rescaled where it
+   overflows or underflows), both norms outputs, the score s_n = rho_n, the chunk's seed
+   candidate (max score, lowest index) and, when refining, the chunk's sum_n x_n (the vector
+   of a degenerate part).
+2. ``forward_part_kernel``, once per part k: every program reduces the chunks' candidates in
+   chunk order (so all agree on the seed i_k), then one sweep over its chunk computes
+   sim_kn = dot(x_n, r_k / rho_ik) / rho_n (no overflow: |r_k / rho_ik| < 1), the chunk's
+   partial S_k and sum |sim_kn|, the score update and the next candidate, and, folded into
+   the same loads, the chunk's part of part k-1's weighted sum sum_n sim_{k-1,n} x_n. The
+   last part's weighted sum takes a second look at each tile right after its sims (cache).
+3. ``forward_final_kernel``: each program sums the chunks' partial weighted sums over a slice
+   of the channels (chunk order) and normalises them; the last program of image b to finish
+   (an integer ticket, no waiting) computes the activities ||v_k||, ranks the parts (stable,
+   descending) and writes every per-part output in rank order with saturating casts.
 
-So K+1 reads of X from memory, with or without refinement. A C-vector accumulated over N-blocks
-(the weighted sum) cannot live in registers across the inner C-loop, so it is accumulated in
-a per-image fp32/fp64 workspace: read-modify-write once per N-block, with a barrier between
-N-blocks so that a load in a replicated layout sees the owner thread's store; the first
-N-block does not read it, so the workspace needs no zeroing. The unnormalised similarities
-also live in the workspace; the maps are written, normalised, at the end. The workspace is
-``workspace_size`` = 3N + 2C + K N accumulation-dtype elements per image (0.3% of X at
-B=16, C=2048, N=3136, K=3). Data written by one thread and read by another crosses a
-``tl.debug_barrier()``; the selection score is double-buffered (see below).
+Every cross-program value goes through the workspace and is reduced in a fixed order, so
+results are bitwise reproducible; nothing synchronises with the host.
 """
 
 import triton
 import triton.language as tl
 
-from brnpa_triton.ops.kernels.common import EPS_C, RATIO_C, acc_const, acc_sqrt, load_tile, store_saturating
+from brnpa_triton.ops.kernels.common import (
+    INTEGER_ARGS,
+    from_units,
+    EPS_C,
+    STRIDED,
+    acc_const,
+    acc_sqrt,
+    argmax_update,
+    bound_if,
+    cast_saturating,
+    image_base,
+    load_column,
+    load_tile,
+    part_inverse,
+    seed_of_part,
+)
 
+# Sums of squares below this (2^-100 in fp32, 2^-1000 in fp64) may have lost digits to
+# underflow: such a column's norm is recomputed with a power-of-two rescaling.
+SMALL_SUMSQ_F32 = tl.constexpr(7.888609052210118e-31)
+SMALL_SUMSQ_F64 = tl.constexpr(9.332636185032189e-302)
+
+
+# ---- 1. norms ---------------------------------------------------------------------------
 
 @triton.jit
-def _argmax_update(values, offs_n, nmask, best, best_i, N):
-    """Running argmax over N-blocks in increasing n: lowest index on ties."""
-    v = tl.where(nmask, values, float("-inf"))
-    m = tl.max(v, axis=0)
-    i = tl.min(tl.where(v == m, offs_n, N), axis=0)
-    take = m > best
-    return tl.where(take, m, best), tl.where(take, i, best_i)
-
-
-@triton.jit
-def brnpa_forward_kernel(
-    x_ptr, seeds_ptr,  # x (B, C, N) any strides; seeds (B, K) int64 contiguous (GIVEN_SEEDS)
-    vec_ptr, maps_ptr, idx_ptr, norms_ptr, inv_ptr,  # outputs, contiguous
-    ws_ptr,  # workspace, (B, workspace_size(C, N, K)) ACC, uninitialised
-    C, N, K,
-    stride_xb, stride_xc, stride_xn,
-    REFINE: tl.constexpr, GIVEN_SEEDS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    xb = x_ptr + b * stride_xb
-    vec_b = vec_ptr + b * K * C
-    maps_b = maps_ptr + b * K * N
-    idx_b = idx_ptr + b * K
-    norms_b = norms_ptr + b * N
-    inv_b = inv_ptr + b * K
-    seeds_b = seeds_ptr + b * K
-    ws_b = ws_ptr + b * (3 * N + 2 * C + K * N)  # see workspace_size
-    rho_ws = ws_b  # rho_n
-    # s_n, double-buffered: pass j reads buffer (j-1)%2 and writes j%2, so no thread can load a
-    # score that another thread of the same pass already updated (warps hold replicated copies).
-    score_ws = ws_b + N
-    v_ws = ws_b + 3 * N  # the current part's weighted sum sum_n sim_n x_n, (C,)
-    mean_ws = ws_b + 3 * N + C  # sum_n x_n, (C,): the vector of a degenerate (uniform) part
-    sim_ws = ws_b + 3 * N + 2 * C  # sim_kn, (K, N), unnormalised
-
-    arange_c = tl.arange(0, BLOCK_C)
-    arange_n = tl.arange(0, BLOCK_N)
-    eps = acc_const(EPS_C, ACC)
-    ratio = acc_const(RATIO_C, ACC)
-    one = acc_const(1.0, ACC)
-    uniform = one / N  # the map of a degenerate part
-
-    # ---- pass 0: norms, rho, score, first seed -------------------------------------------
-    best = tl.full([], float("-inf"), ACC)
-    best_i = tl.zeros([], tl.int32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + arange_n
-        nmask = offs_n < N
-        ss = tl.zeros([BLOCK_N], ACC)
-        for c0 in range(0, C, BLOCK_C):
-            tile = load_tile(xb, c0 + arange_c, offs_n, stride_xc, stride_xn, C, N, ACC)
-            ss += tl.sum(tile * tile, axis=0)
-        nrm = acc_sqrt(ss, ACC)
-        tl.store(norms_b + offs_n, nrm.to(norms_ptr.dtype.element_ty), mask=nmask)
-        rho = nrm + eps
-        tl.store(rho_ws + offs_n, rho, mask=nmask)
-        if not GIVEN_SEEDS:
-            tl.store(score_ws + offs_n, rho, mask=nmask)
-            best, best_i = _argmax_update(rho, offs_n, nmask, best, best_i, N)
-    if GIVEN_SEEDS:
-        i_cur = tl.load(seeds_b).to(tl.int32)
+def _power_of_two_scales(maxabs, ACC: tl.constexpr):
+    """(2^-e, 2^e) with 2^e about the column's largest |x|: multiplying by them is exact."""
+    if ACC == tl.float64:
+        exponent = (maxabs.to(tl.int64, bitcast=True) >> 52) & 2047
+        down = tl.minimum(tl.maximum(2046 - exponent, 1), 2045)
+        return (down << 52).to(tl.float64, bitcast=True), ((2046 - down) << 52).to(tl.float64, bitcast=True)
     else:
-        i_cur = best_i
-    tl.store(idx_b, i_cur.to(tl.int64))
-    tl.debug_barrier()
+        exponent = (maxabs.to(tl.int32, bitcast=True) >> 23) & 255
+        down = tl.minimum(tl.maximum(254 - exponent, 1), 253)
+        return (down << 23).to(tl.float32, bitcast=True), ((254 - down) << 23).to(tl.float32, bitcast=True)
 
-    # ---- passes 1..K: part j-1's dot products and, when refining, its weighted sums ------
-    for j in range(1, K + 1):
-        jt = j + tl.zeros([], tl.int32)  # a tensor also under the interpreter (masks need one)
-        kd = jt - 1
-        rho_i = tl.load(rho_ws + i_cur)
-        x_seed = xb + i_cur.to(tl.int64) * stride_xn
-        sim_d = sim_ws + kd * N
-        score_read = score_ws + ((jt - 1) % 2) * N
-        score_write = score_ws + (jt % 2) * N
-        # Scalar conditions enter masks as bounds (block & scalar-bool is broken in the interpreter).
-        c_mean = tl.where(jt == 1, C, 0)  # sum_n x_n (a degenerate part's vector): pass 1 only
-        s_tot = tl.zeros([], ACC)
-        s_abs = tl.zeros([], ACC)
-        best = tl.full([], float("-inf"), ACC)
-        best_i = tl.zeros([], tl.int32)
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + arange_n
-            nmask = offs_n < N
-            rho = tl.load(rho_ws + offs_n, mask=nmask, other=1.0)
-            dot = tl.zeros([BLOCK_N], ACC)
-            for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + arange_c
-                tile = load_tile(xb, offs_c, offs_n, stride_xc, stride_xn, C, N, ACC)
-                r = tl.load(x_seed + offs_c.to(tl.int64) * stride_xc, mask=offs_c < C, other=0.0)
-                dot += tl.sum(r.to(ACC)[:, None] * tile, axis=0)
-            sim = tl.where(nmask, dot / (rho * rho_i), 0.0)
-            tl.store(sim_d + offs_n, sim, mask=nmask)
-            s_tot += tl.sum(sim, axis=0)
-            s_abs += tl.sum(tl.abs(sim), axis=0)
-            if not GIVEN_SEEDS:
-                score = tl.load(score_read + offs_n, mask=nmask, other=0.0) * (1.0 - sim)
-                tl.store(score_write + offs_n, score, mask=nmask)
-                best, best_i = _argmax_update(score, offs_n, nmask, best, best_i, N)
-            if REFINE:
-                # sum_n sim_n x_n, unnormalised (S is known only after the pass), from this
-                # N-block's tiles, which the C-loop above just brought into cache. The workspace
-                # read-modify-write may load in a replicated layout: order it after the previous
-                # N-block's stores (written by each element's owner thread).
-                tl.debug_barrier()
-                c_old = tl.where(n0 > 0, C, 0)
-                c_old_mean = tl.where(n0 > 0, c_mean, 0)
-                for c0 in range(0, C, BLOCK_C):
-                    offs_c = c0 + arange_c
-                    tile = load_tile(xb, offs_c, offs_n, stride_xc, stride_xn, C, N, ACC)
-                    old = tl.load(v_ws + offs_c, mask=offs_c < c_old, other=0.0)
-                    tl.store(v_ws + offs_c, old + tl.sum(tile * sim[None, :], axis=1), mask=offs_c < C)
-                    old = tl.load(mean_ws + offs_c, mask=offs_c < c_old_mean, other=0.0)
-                    tl.store(mean_ws + offs_c, old + tl.sum(tile, axis=1), mask=offs_c < c_mean)
-        tl.debug_barrier()
-        deg = tl.abs(s_tot) <= ratio * s_abs
-        inv = tl.where(deg, 0.0, one / tl.where(deg, one, s_tot))
-        tl.store(inv_b + kd, inv)
+
+@triton.jit
+def _tile_sums_of_squares(x_b, offs_n, C, N, stride_c, stride_n, sums_ptr, accumulate, LAYOUT: tl.constexpr,
+                          ALIGN: tl.constexpr, REFINE: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+    """(sum_c x_cn^2, max_c |x_cn|) of one tile of positions; when refining, also adds the
+    tile's sum over positions to the chunk's sum_n x_n (stored, not added, unless ``accumulate``)."""
+    squares = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    largest = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    # The next tile's loads are issued before this one is used: two tiles in flight.
+    tile = load_tile(x_b, tl.arange(0, BLOCK_C), offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+    for c0 in range(0, C, BLOCK_C):  # streams X
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        upcoming = load_tile(x_b, offs_c + BLOCK_C, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+        squares += tile * tile
+        largest = tl.maximum(largest, tl.abs(tile))
         if REFINE:
-            vec_d = vec_b + kd * C
-            for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + arange_c
-                cmask = offs_c < C
-                v = tl.load(v_ws + offs_c, mask=cmask, other=0.0) * inv
-                mean = tl.load(mean_ws + offs_c, mask=cmask, other=0.0) * uniform
-                store_saturating(vec_d + offs_c, tl.where(deg, mean, v), cmask)
-            tl.debug_barrier()  # v_ws is rewritten by the next pass
-        has_next = jt < K
-        if GIVEN_SEEDS:
-            i_next = tl.load(seeds_b + j, mask=has_next, other=0).to(tl.int32)
-        else:
-            i_next = best_i
-        tl.store(idx_b + j, i_next.to(tl.int64), mask=has_next)
-        i_cur = tl.where(has_next, i_next, i_cur)
-    tl.debug_barrier()
+            previous = tl.load(sums_ptr + offs_c, mask=offs_c < bound_if(accumulate, C), other=0.0)
+            tl.store(sums_ptr + offs_c, previous + tl.sum(tile, axis=1), mask=offs_c < C)
+        tile = upcoming
+    return tl.sum(squares, axis=0), tl.max(largest, axis=0)
 
-    # ---- maps (normalised), and the seed vectors when not refining -----------------------
+
+@triton.jit
+def _tile_rescaled_sums_of_squares(x_b, offs_n, down, C, N, stride_c, stride_n, LAYOUT: tl.constexpr,
+                                   ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   ACC: tl.constexpr):
+    """sum_c (x_cn * down_n)^2: the rare second sweep for columns whose plain sum over/underflowed."""
+    squares = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    for c0 in range(0, C, BLOCK_C):  # streams X
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        tile = load_tile(x_b, offs_c, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC) * down[None, :]
+        squares += tile * tile
+    return tl.sum(squares, axis=0)
+
+
+@triton.jit
+def _tile_norms(x_b, offs_n, valid_n, C, N, stride_c, stride_n, sums_ptr, accumulate, LAYOUT: tl.constexpr,
+                ALIGN: tl.constexpr, REFINE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+                ACC: tl.constexpr):
+    """||x_n|| for one tile of positions, exact to rounding for every finite input whose norm is
+    representable: columns whose sum of squares overflowed (inf) or may have underflowed are
+    recomputed scaled by a power of two. The choice is made per column from its own values,
+    so identical columns always get identical norms."""
+    sumsq, maxabs = _tile_sums_of_squares(x_b, offs_n, C, N, stride_c, stride_n, sums_ptr, accumulate, LAYOUT,
+                                          ALIGN, REFINE, BLOCK_C, BLOCK_N, ACC)
+    if ACC == tl.float64:
+        small = acc_const(SMALL_SUMSQ_F64, ACC)
+    else:
+        small = acc_const(SMALL_SUMSQ_F32, ACC)
+    rescale = valid_n & ((sumsq == float("inf")) | ((sumsq < small) & (maxabs > 0)))
+    norms = acc_sqrt(sumsq, ACC)
+    if tl.max(rescale.to(tl.int32), axis=0) > 0:  # uniform per program, rare
+        down, up = _power_of_two_scales(maxabs, ACC)
+        scaled = _tile_rescaled_sums_of_squares(x_b, offs_n, down, C, N, stride_c, stride_n, LAYOUT, ALIGN,
+                                                BLOCK_C, BLOCK_N, ACC)
+        norms = tl.where(rescale, acc_sqrt(scaled, ACC) * up, norms)
+    return norms
+
+
+@triton.jit(do_not_specialize=INTEGER_ARGS["forward_norms_kernel"])
+def forward_norms_kernel(
+    x_ptr,  # (B, C, N), strides in units of ALIGN for contiguous layouts
+    norms_ptr, saved_norms_ptr,  # outputs (B, N): x.dtype (saturating) and ACC
+    scores_ptr,  # workspace (B, 2, N): score buffer 0 <- rho
+    cand_score_ptr, cand_index_ptr,  # workspace (B, K, S): slot 0 <- the chunk's candidate
+    sums_ptr,  # workspace (B, K + 1, S, C): slot K <- the chunk's sum_n x_n (REFINE)
+    ticket_ptr,  # workspace (B,): reset to 0 for the final launch
+    C, N, K, S, tiles_per_chunk,
+    stride_xb, stride_xc, stride_xn,
+    LAYOUT: tl.constexpr, ALIGN: tl.constexpr, REFINE: tl.constexpr, GIVEN_SEEDS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, C_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, ACC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    C = from_units(C, C_ALIGN)
+    N = from_units(N, N_ALIGN)
+    x_b = image_base(x_ptr, b, stride_xb, LAYOUT, ALIGN)
+    row = b.to(tl.int64) * N
+    chunk_sums = sums_ptr + ((b.to(tl.int64) * (K + 1) + K) * S + s) * C
+    eps = acc_const(EPS_C, ACC)
+    best = tl.full([], float("-inf"), ACC)
+    best_index = tl.zeros([], tl.int32)
+    chunk_start = s * tiles_per_chunk * BLOCK_N
+    for t in range(0, tiles_per_chunk):  # streams X
+        offs_n = chunk_start + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < N
+        norms = _tile_norms(x_b, offs_n, valid_n, C, N, stride_xc, stride_xn, chunk_sums, t > 0, LAYOUT, ALIGN,
+                            REFINE, BLOCK_C, BLOCK_N, ACC)
+        tl.store(saved_norms_ptr + row + offs_n, norms, mask=valid_n)
+        tl.store(norms_ptr + row + offs_n, cast_saturating(norms, norms_ptr + row + offs_n), mask=valid_n)
+        if not GIVEN_SEEDS:
+            rho = norms + eps
+            tl.store(scores_ptr + b.to(tl.int64) * 2 * N + offs_n, rho, mask=valid_n)
+            best, best_index = argmax_update(rho, offs_n, valid_n, best, best_index, N)
+        tl.debug_barrier()  # this tile's partial sums are stored before the next tile reloads them
+    if not GIVEN_SEEDS:
+        slot = b.to(tl.int64) * K * S + s
+        tl.store(cand_score_ptr + slot, best)
+        tl.store(cand_index_ptr + slot, best_index)
+    first = tl.arange(0, 1)
+    tl.store(ticket_ptr + b + first, tl.zeros([1], tl.int32), mask=first < bound_if(s == 0, 1))
+
+
+# ---- 2. one launch per part -----------------------------------------------------------------
+
+@triton.jit
+def _tile_seed_dots(x_b, offs_n, seed, seed_valid, inv_rho_seed, previous_sims, fold_sums_ptr, fold, accumulate,
+                    C, N, stride_c, stride_n, LAYOUT: tl.constexpr, ALIGN: tl.constexpr, REFINE: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+    """dot(x_n, r / rho_seed) for one tile of positions; when ``fold``, the same loads also add
+    sum_n previous_sims_n x_n (the previous part's weighted sum) to the chunk's partial."""
+    dots = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    # The next tile's loads are issued before this one is used: two tiles in flight.
+    tile = load_tile(x_b, tl.arange(0, BLOCK_C), offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+    for c0 in range(0, C, BLOCK_C):  # streams X
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        upcoming = load_tile(x_b, offs_c + BLOCK_C, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+        seed_row = load_column(x_b, offs_c, seed, seed_valid, C, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+        dots += tile * (seed_row * inv_rho_seed)[:, None]
+        if REFINE:
+            folded = tl.sum(tile * previous_sims[None, :], axis=1)
+            previous = tl.load(fold_sums_ptr + offs_c, mask=offs_c < bound_if(fold & accumulate, C), other=0.0)
+            tl.store(fold_sums_ptr + offs_c, previous + folded, mask=offs_c < bound_if(fold, C))
+        tile = upcoming
+    return tl.sum(dots, axis=0)
+
+
+@triton.jit
+def _tile_weighted_sum(x_b, offs_n, sims, sums_ptr, accumulate, C, N, stride_c, stride_n, LAYOUT: tl.constexpr,
+                       ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """Adds sum_n sims_n x_n over one tile to the chunk's partial: the last part's second look at
+    a tile it has just read (from cache)."""
+    # The next tile's loads are issued before this one is used: two tiles in flight.
+    tile = load_tile(x_b, tl.arange(0, BLOCK_C), offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+    for c0 in range(0, C, BLOCK_C):  # streams X
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        upcoming = load_tile(x_b, offs_c + BLOCK_C, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+        previous = tl.load(sums_ptr + offs_c, mask=offs_c < bound_if(accumulate, C), other=0.0)
+        tl.store(sums_ptr + offs_c, previous + tl.sum(tile * sims[None, :], axis=1), mask=offs_c < C)
+        tile = upcoming
+
+
+@triton.jit(do_not_specialize=INTEGER_ARGS["forward_part_kernel"])
+def forward_part_kernel(
+    x_ptr, seeds_ptr,  # x (B, C, N); given seeds (B, K) int64 (GIVEN_SEEDS)
+    saved_norms_ptr,  # (B, N) ACC, from the norms launch
+    scores_ptr,  # workspace (B, 2, N): reads buffer part % 2, writes the other
+    sims_ptr,  # workspace (B, K, N): sim_kn <- this part's row
+    part_sums_ptr, part_abs_ptr,  # workspace (B, K, S): the chunk's sum_n sim_kn and sum_n |sim_kn|
+    cand_score_ptr, cand_index_ptr,  # workspace (B, K, S): reads slot part, writes slot part + 1
+    sums_ptr,  # workspace (B, K + 1, S, C): the chunks' weighted sums of parts part - 1 and, last, part
+    part, C, N, K, S, tiles_per_chunk,
+    stride_xb, stride_xc, stride_xn, seeds_stride_b, seeds_stride_k,
+    LAYOUT: tl.constexpr, ALIGN: tl.constexpr, REFINE: tl.constexpr, GIVEN_SEEDS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    C_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, ACC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    C = from_units(C, C_ALIGN)
+    N = from_units(N, N_ALIGN)
+    x_b = image_base(x_ptr, b, stride_xb, LAYOUT, ALIGN)
+    row = b.to(tl.int64) * N
+    eps = acc_const(EPS_C, ACC)
+    one = acc_const(1.0, ACC)
+    seed, seed_valid, _ = seed_of_part(part, b, cand_score_ptr, cand_index_ptr, seeds_ptr, seeds_stride_b,
+                                       seeds_stride_k, N, K, S, GIVEN_SEEDS, BLOCK_S, ACC)
+    rho_seed = tl.load(saved_norms_ptr + row + seed, mask=seed_valid, other=0.0) + eps
+    inv_rho_seed = one / rho_seed
+    scores_in = scores_ptr + (b.to(tl.int64) * 2 + part % 2) * N
+    scores_out = scores_ptr + (b.to(tl.int64) * 2 + (part + 1) % 2) * N
+    fold = REFINE & (part > 0)  # part - 1's weighted sum rides on this part's loads
+    fold_sums = sums_ptr + ((b.to(tl.int64) * (K + 1) + part - 1) * S + s) * C
+    last_sums = sums_ptr + ((b.to(tl.int64) * (K + 1) + part) * S + s) * C
+    update_scores = (not GIVEN_SEEDS) & (part + 1 < K)
+
+    total = tl.zeros([], ACC)
+    total_abs = tl.zeros([], ACC)
+    best = tl.full([], float("-inf"), ACC)
+    best_index = tl.zeros([], tl.int32)
+    chunk_start = s * tiles_per_chunk * BLOCK_N
+    for t in range(0, tiles_per_chunk):  # streams X
+        offs_n = chunk_start + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < N
+        rho = tl.load(saved_norms_ptr + row + offs_n, mask=valid_n, other=0.0) + eps
+        previous_sims = tl.load(sims_ptr + (row * K + (part - 1) * N) + offs_n,
+                                mask=offs_n < bound_if(fold, N), other=0.0)
+        dots = _tile_seed_dots(x_b, offs_n, seed, seed_valid, inv_rho_seed, previous_sims, fold_sums, fold, t > 0,
+                               C, N, stride_xc, stride_xn, LAYOUT, ALIGN, REFINE, BLOCK_C, BLOCK_N, ACC)
+        sims = tl.where(valid_n, dots / rho, 0.0)
+        tl.store(sims_ptr + (row * K + part * N) + offs_n, sims, mask=valid_n)
+        total += tl.sum(sims, axis=0)
+        total_abs += tl.sum(tl.abs(sims), axis=0)
+        score_mask = offs_n < bound_if(update_scores, N)
+        scores = tl.load(scores_in + offs_n, mask=score_mask, other=0.0) * (1.0 - sims)
+        tl.store(scores_out + offs_n, scores, mask=score_mask)
+        best, best_index = argmax_update(scores, offs_n, score_mask, best, best_index, N)
+        if REFINE:
+            if part == K - 1:
+                _tile_weighted_sum(x_b, offs_n, sims, last_sums, t > 0, C, N, stride_xc, stride_xn, LAYOUT, ALIGN,
+                                   BLOCK_C, ACC)
+        tl.debug_barrier()  # this tile's partial sums are stored before the next tile reloads them
+    slot = (b.to(tl.int64) * K + part) * S + s
+    tl.store(part_sums_ptr + slot, total)
+    tl.store(part_abs_ptr + slot, total_abs)
+    if not GIVEN_SEEDS:
+        one_slot = tl.arange(0, 1)
+        next_mask = one_slot < bound_if(part + 1 < K, 1)
+        tl.store(cand_score_ptr + slot + S + one_slot, best + tl.zeros([1], ACC), mask=next_mask)
+        tl.store(cand_index_ptr + slot + S + one_slot, best_index + tl.zeros([1], tl.int32), mask=next_mask)
+
+
+# ---- 3. vectors, activity, ranking, outputs ---------------------------------------------------
+
+@triton.jit
+def _vectors_slice(x_b, b, s, seeds_ptr, seeds_stride_b, seeds_stride_k, cand_score_ptr, cand_index_ptr,
+                   part_sums_ptr, part_abs_ptr, sums_ptr, vectors_ws_ptr,
+                   C, N, K, S, c_per_program, stride_c, stride_n,
+                   LAYOUT: tl.constexpr, ALIGN: tl.constexpr, REFINE: tl.constexpr, GIVEN_SEEDS: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """v_k over this program's slice of channels, for every part (unranked, ACC, to the workspace)."""
+    c_start = s * c_per_program
+    c_stop = tl.minimum(c_start + c_per_program, C)
+    uniform = acc_const(1.0, ACC) / N
     for k in range(0, K):
-        inv = tl.load(inv_b + k)
-        sim_k = sim_ws + k * N
-        maps_k = maps_b + k * N
+        part_slot = (b.to(tl.int64) * K + k) * S
+        inv, degenerate = part_inverse(part_sums_ptr + part_slot, part_abs_ptr + part_slot, S, BLOCK_S, ACC)
+        seed, seed_valid, _ = seed_of_part(k, b, cand_score_ptr, cand_index_ptr, seeds_ptr, seeds_stride_b,
+                                           seeds_stride_k, N, K, S, GIVEN_SEEDS, BLOCK_S, ACC)
+        part_sums = sums_ptr + (b.to(tl.int64) * (K + 1) + k) * S * C
+        plain_sums = sums_ptr + (b.to(tl.int64) * (K + 1) + K) * S * C
+        for c0 in range(c_start, c_stop, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            valid_c = offs_c < c_stop
+            if REFINE:
+                weighted = tl.zeros([BLOCK_C], ACC)
+                plain = tl.zeros([BLOCK_C], ACC)
+                for chunk in range(0, S):  # chunk order: deterministic
+                    weighted += tl.load(part_sums + chunk * C + offs_c, mask=valid_c, other=0.0)
+                    plain += tl.load(plain_sums + chunk * C + offs_c, mask=offs_c < bound_if(degenerate, c_stop),
+                                     other=0.0)
+                v = tl.where(degenerate, plain * uniform, weighted * inv)
+            else:
+                v = load_column(x_b, offs_c, seed, seed_valid, c_stop, stride_c, stride_n, LAYOUT, ALIGN, ACC)
+            tl.store(vectors_ws_ptr + (b.to(tl.int64) * K + k) * C + offs_c, v, mask=valid_c)
+
+
+@triton.jit
+def _length(vector_ptr, C, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """||v|| of a C-vector written by other programs of this launch (.cg: not from L1), scaled by
+    a power of two so that its sum of squares cannot overflow or underflow."""
+    largest = tl.zeros([BLOCK_C], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        v = tl.load(vector_ptr + offs_c, mask=offs_c < C, other=0.0, cache_modifier=".cg")
+        largest = tl.maximum(largest, tl.abs(v))
+    down, up = _power_of_two_scales(tl.max(largest, axis=0), ACC)
+    squares = tl.zeros([BLOCK_C], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        v = tl.load(vector_ptr + offs_c, mask=offs_c < C, other=0.0, cache_modifier=".cg") * down
+        squares += v * v
+    return acc_sqrt(tl.sum(squares, axis=0), ACC) * up
+
+
+@triton.jit
+def _rank(k, b, activity_ws, K, BY_ACTIVITY: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Output slot of part k: its position in a stable descending sort by activity (NaN first,
+    as torch.sort puts it); k itself without ranking."""
+    if BY_ACTIVITY:
+        mine = tl.load(activity_ws + b.to(tl.int64) * K + k, cache_modifier=".cg")
+        mine = tl.where(mine != mine, float("inf"), mine)
+        ahead = tl.zeros([BLOCK_K], tl.int32)
+        for j0 in range(0, K, BLOCK_K):
+            offs = j0 + tl.arange(0, BLOCK_K)
+            other = tl.load(activity_ws + b.to(tl.int64) * K + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
+            other = tl.where(other != other, float("inf"), other)
+            before = (other > mine) | ((other == mine) & (offs < k))
+            ahead += tl.where((offs < K) & before, 1, 0)
+        return tl.sum(ahead, axis=0)
+    else:
+        return k
+
+
+@triton.jit
+def _write_ranked_outputs(x_b, b, seeds_ptr, seeds_stride_b, seeds_stride_k, cand_score_ptr, cand_index_ptr,
+                          part_sums_ptr, part_abs_ptr, sims_ptr, vectors_ws_ptr, activity_ws,
+                          vectors_ptr, maps_ptr, indices_ptr, activity_ptr, inv_sums_ptr, C, N, K, S,
+                          BY_ACTIVITY: tl.constexpr, GIVEN_SEEDS: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """Image b's per-part outputs, in rank order (run by the image's last program only)."""
+    for k in range(0, K):
+        activity = _length(vectors_ws_ptr + (b.to(tl.int64) * K + k) * C, C, BLOCK_C, ACC)
+        tl.store(activity_ws + b.to(tl.int64) * K + k, activity)
+    tl.debug_barrier()  # activities written above are read back by other threads
+    uniform = acc_const(1.0, ACC) / N
+    for k in range(0, K):
+        slot = _rank(k, b, activity_ws, K, BY_ACTIVITY, BLOCK_K)
+        part_slot = (b.to(tl.int64) * K + k) * S
+        inv, degenerate = part_inverse(part_sums_ptr + part_slot, part_abs_ptr + part_slot, S, BLOCK_S, ACC)
+        _, _, index = seed_of_part(k, b, cand_score_ptr, cand_index_ptr, seeds_ptr, seeds_stride_b, seeds_stride_k,
+                                   N, K, S, GIVEN_SEEDS, BLOCK_S, ACC)
+        out = b.to(tl.int64) * K + slot
+        activity = tl.load(activity_ws + b.to(tl.int64) * K + k, cache_modifier=".cg")
+        tl.store(indices_ptr + out, index)
+        tl.store(inv_sums_ptr + out, inv)
+        tl.store(activity_ptr + out, cast_saturating(activity, activity_ptr + out))
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            v = tl.load(vectors_ws_ptr + (b.to(tl.int64) * K + k) * C + offs_c, mask=offs_c < C, other=0.0,
+                        cache_modifier=".cg")
+            tl.store(vectors_ptr + out * C + offs_c, cast_saturating(v, vectors_ptr + out * C + offs_c),
+                     mask=offs_c < C)
         for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + arange_n
-            nmask = offs_n < N
-            sim = tl.load(sim_k + offs_n, mask=nmask, other=0.0)
-            a = tl.where(inv == 0, uniform, sim * inv)
-            store_saturating(maps_k + offs_n, a, nmask)
-        if not REFINE:
-            x_seed = xb + tl.load(idx_b + k) * stride_xn
-            vec_k = vec_b + k * C
-            for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + arange_c
-                cmask = offs_c < C
-                r = tl.load(x_seed + offs_c.to(tl.int64) * stride_xc, mask=cmask, other=0.0)
-                tl.store(vec_k + offs_c, r.to(vec_ptr.dtype.element_ty), mask=cmask)
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            sims = tl.load(sims_ptr + (b.to(tl.int64) * K + k) * N + offs_n, mask=offs_n < N, other=0.0)
+            a = tl.where(degenerate, uniform, sims * inv)
+            tl.store(maps_ptr + out * N + offs_n, cast_saturating(a, maps_ptr + out * N + offs_n), mask=offs_n < N)
 
 
-def workspace_size(C: int, N: int, K: int) -> int:
-    """Accumulation-dtype elements of workspace per image: rho, two score buffers, v, sum x, sims."""
-    return 3 * N + 2 * C + K * N
+@triton.jit(do_not_specialize=INTEGER_ARGS["forward_final_kernel"])
+def forward_final_kernel(
+    x_ptr, seeds_ptr,
+    cand_score_ptr, cand_index_ptr, part_sums_ptr, part_abs_ptr, sims_ptr, sums_ptr,  # from the part launches
+    vectors_ws_ptr,  # workspace (B, K, C) ACC: unranked vectors
+    activity_ws,  # workspace (B, K) ACC
+    ticket_ptr,  # workspace (B,) int32, zeroed by the norms launch
+    vectors_ptr, maps_ptr, indices_ptr, activity_ptr, inv_sums_ptr,  # outputs, contiguous
+    C, N, K, S, c_per_program,
+    stride_xb, stride_xc, stride_xn, seeds_stride_b, seeds_stride_k,
+    LAYOUT: tl.constexpr, ALIGN: tl.constexpr, REFINE: tl.constexpr, GIVEN_SEEDS: tl.constexpr,
+    BY_ACTIVITY: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr, C_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, ACC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    C = from_units(C, C_ALIGN)
+    N = from_units(N, N_ALIGN)
+    x_b = image_base(x_ptr, b, stride_xb, LAYOUT, ALIGN)
+    _vectors_slice(x_b, b, s, seeds_ptr, seeds_stride_b, seeds_stride_k, cand_score_ptr, cand_index_ptr,
+                   part_sums_ptr, part_abs_ptr, sums_ptr, vectors_ws_ptr, C, N, K, S, c_per_program,
+                   stride_xc, stride_xn, LAYOUT, ALIGN, REFINE, GIVEN_SEEDS, BLOCK_C, BLOCK_S, ACC)
+    # Every thread's stores are done before the ticket is taken (release); the image's last
+    # program sees them all (acquire, and .cg loads that skip the non-coherent L1).
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr + b, 1, sem="acq_rel")
+    if ticket == S - 1:
+        _write_ranked_outputs(x_b, b, seeds_ptr, seeds_stride_b, seeds_stride_k, cand_score_ptr, cand_index_ptr,
+                              part_sums_ptr, part_abs_ptr, sims_ptr, vectors_ws_ptr, activity_ws,
+                              vectors_ptr, maps_ptr, indices_ptr, activity_ptr, inv_sums_ptr, C, N, K, S,
+                              BY_ACTIVITY, GIVEN_SEEDS, BLOCK_C, BLOCK_N, BLOCK_S, BLOCK_K, ACC)
