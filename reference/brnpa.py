@@ -76,7 +76,8 @@ def brnpa_reference(
             # Dividing the seed by rho_ik first keeps every product below |x_cn|: no overflow.
             sim = _dots(x, r_k / rho[i_k]) / rho
             S_k = sim.sum()
-            if S_k.abs() <= DEGENERATE_SUM_RATIO * sim.abs().sum():
+            # Degenerate: S_k cancels, or is too small to invert in x's dtype.
+            if S_k.abs() <= DEGENERATE_SUM_RATIO * sim.abs().sum() or torch.isinf(1 / S_k):
                 a = torch.full_like(sim, 1.0 / N)  # degenerate part: uniform map
             else:
                 a = sim / S_k

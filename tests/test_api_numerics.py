@@ -130,3 +130,19 @@ def test_tiny_norms_tie_in_float32_and_are_resolved_in_float64(backend):
     out32 = bt.brnpa(f.float(), 1, backend=backend)
     assert out32.indices.item() == 0
     torch.testing.assert_close(out32.norms.double(), torch.linalg.vector_norm(f, dim=1), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels", (4, 64))
+@pytest.mark.parametrize("scale", (1e-20, 1e-25, 1e-30, 1e-38, 1e-42))
+def test_tiny_features_give_finite_outputs_and_gradients(scale, channels, backend):
+    """float32 similarities of such features are subnormal or 0: a part whose S_k cannot be
+    inverted is degenerate (uniform map), never inf or NaN, and so is its gradient."""
+    g = torch.Generator().manual_seed(channels)
+    x = (torch.rand(2, channels, 3, 3, generator=g) * scale).requires_grad_()
+    out = bt.brnpa(x, 3, backend=backend)
+    for name, t in zip(out._fields, out, strict=True):
+        assert torch.isfinite(t.float()).all(), f"{name} is not finite"
+    torch.testing.assert_close(out.maps.sum((2, 3)), torch.ones(2, 3), rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(out.maps.sum() + out.vectors.sum(), x)
+    assert torch.isfinite(grad).all()

@@ -237,8 +237,10 @@ def _forward_images(
             score = score.addcmul(score, sim, value=-1.0)  # s * (1 - sim)
     indices = torch.stack(chosen, 1)
     totals = sims.sum(dim=2)
-    degenerate = totals.abs() <= DEGENERATE_SUM_RATIO * sims.abs().sum(dim=2)
-    inv_sums = torch.where(degenerate, 0.0, torch.where(degenerate, 1.0, totals).reciprocal())
+    inverse = totals.reciprocal()
+    # Degenerate: S_k cancels, or is too small to invert (similarities that underflowed).
+    degenerate = (totals.abs() <= DEGENERATE_SUM_RATIO * sims.abs().sum(dim=2)) | inverse.isinf()
+    inv_sums = torch.where(degenerate, 0.0, inverse)
     maps = torch.where(degenerate[..., None], 1.0 / N, sims * inv_sums[..., None])
     if refine:
         vectors = _weighted_sums_blocked(x, maps, acc)  # one pass over X for all parts

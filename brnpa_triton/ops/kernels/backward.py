@@ -38,6 +38,7 @@ from brnpa_triton.ops.kernels.common import (
     image_base,
     load_column,
     load_tile,
+    power_of_two_scales,
     tile_offsets,
 )
 
@@ -227,20 +228,20 @@ def _part_dx(dx, tile, x_b, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, t
 
 
 @triton.jit
-def _tile_dx(x_b, dx_b, offs_n, radial, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
+def _tile_dx(x_b, dx_b, offs_n, radial, down, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
              u_sums_b, accumulate, C, N, K, S, stride_c, stride_n, stride_dc, stride_dn,
              LAYOUT: tl.constexpr, ALIGN: tl.constexpr, DX_LAYOUT: tl.constexpr, DX_ALIGN: tl.constexpr,
              WITH_GRAD: tl.constexpr, HAS_GRAD_VECTORS: tl.constexpr, HAS_GRAD_ACTIVITY: tl.constexpr,
              KG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
     """Writes dx for one tile (second look at the tile, from cache) and adds the tile's
-    sum_n U_kn x_n to the chunks' partial u_k."""
+    sum_n U_kn x_n to the chunks' partial u_k. ``radial * down`` is the coefficient of x_n / ||x_n||."""
     valid_n = offs_n < N
     # The next tile's loads are issued before this one is used: two tiles in flight.
     tile = load_tile(x_b, tl.arange(0, BLOCK_C), offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
     for c0 in range(0, C, BLOCK_C):  # streams X
         offs_c = c0 + tl.arange(0, BLOCK_C)
         upcoming = load_tile(x_b, offs_c + BLOCK_C, offs_n, C, N, stride_c, stride_n, LAYOUT, ALIGN, ACC)
-        dx = radial[None, :] * tile
+        dx = radial[None, :] * (tile * down[None, :])
         for k0 in range(0, K, KG):
             dx = _part_dx(dx, tile, x_b, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
                           u_sums_b, k0, offs_c, offs_n, accumulate, C, N, K, S, stride_c, stride_n, LAYOUT, ALIGN,
@@ -306,7 +307,7 @@ def backward_dx_kernel(
     tl.debug_barrier()  # the totals are read back by other threads
 
     chunk_start = s * tiles_per_chunk * BLOCK_N
-    for t in range(0, tiles_per_chunk):  # streams X
+    for t in range(0, tiles_per_chunk):  # one tile of positions at a time (its C loops stream X)
         offs_n = chunk_start + t * BLOCK_N + tl.arange(0, BLOCK_N)
         valid_n = offs_n < N
         norms = tl.load(norms_b + offs_n, mask=valid_n, other=0.0)
@@ -314,7 +315,7 @@ def backward_dx_kernel(
         radial = tl.zeros([BLOCK_N], ACC)
         if HAS_GRAD_NORMS:
             radial += tl.load(gnorm_ptr + b64 * N + offs_n, mask=valid_n, other=0.0).to(ACC)
-        for k0 in range(0, K, KG):  # streams X (more than 4 parts: the tile again, from cache)
+        for k0 in range(0, K, KG):  # groups of 4 parts (more than 4: the tile again, from cache)
             s0, g0, s1, g1, s2, g2, s3, g3 = _tile_part_dots(
                 x_b, gvec_b, vec_b, gact_b, indices_b, norms_b, totals_ws, k0, offs_n, C, N, K, stride_xc, stride_xn,
                 LAYOUT, ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, BLOCK_N, ACC)
@@ -328,9 +329,13 @@ def backward_dx_kernel(
                                       t > 0, K, N, S, HAS_GRAD_MAPS, ACC)
                 radial -= _part_terms(s3, g3, k0 + 3, offs_n, rho, gmap_b, inv_sums_b, totals_ws, u_coef_b, w_sums_b,
                                       t > 0, K, N, S, HAS_GRAD_MAPS, ACC)
-        radial = tl.where(norms > 0, radial / tl.where(norms > 0, norms, one), 0.0)
+        # radial_n x_n / ||x_n||, computed as (radial_n / (||x_n|| 2^-e)) (x_n 2^-e) with
+        # 2^e ~ ||x_n||: exact scalings, so tiny norms do not overflow the quotient.
+        down, up = power_of_two_scales(norms, ACC)
+        scaled_norms = norms * down
+        radial = tl.where(norms > 0, radial / tl.where(norms > 0, scaled_norms, one), 0.0)
         tl.debug_barrier()  # U_kn, stored above, is reloaded by other threads
-        _tile_dx(x_b, dx_b, offs_n, radial, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
+        _tile_dx(x_b, dx_b, offs_n, radial, down, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
                  u_sums_b, t > 0, C, N, K, S, stride_xc, stride_xn, stride_dc, stride_dn, LAYOUT, ALIGN, DX_LAYOUT,
                  DX_ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, BLOCK_N, ACC)
         tl.debug_barrier()  # this tile's partial u_k, w_k are stored before the next tile reloads them
@@ -352,10 +357,12 @@ def _seed_correction(x_b, k, seed, c_offs, c_stop, u_sums_b, w_sums_b, norms_b, 
     w = tl.sum(w_parts, axis=0)
     norm = tl.load(norms_b + seed)
     rho = norm + acc_const(EPS_C, ACC)
-    inv_seed_norm = tl.where(norm > 0, 1.0 / (rho * tl.where(norm > 0, norm, 1.0)), 0.0)
+    # w_k r_k / (rho ||r_k||) with the exact scaling 2^-e ~ 1 / ||r_k||: no overflow for tiny seeds.
+    down, up = power_of_two_scales(norm, ACC)
+    inv_seed_norm = tl.where(norm > 0, 1.0 / (rho * tl.where(norm > 0, norm * down, 1.0)), 0.0)
     safe = c_offs < c_stop
     r = tl.load(x_b + column_offsets(c_offs, seed, stride_c, LAYOUT, ALIGN, stride_n), mask=safe, other=0.0).to(ACC)
-    correction = u / rho - (w * inv_seed_norm) * r
+    correction = u / rho - (w * inv_seed_norm) * (r * down)
     if not REFINE:
         if HAS_GRAD_VECTORS:
             correction += tl.load(gvec_b + k * C + c_offs, mask=safe, other=0.0).to(ACC)

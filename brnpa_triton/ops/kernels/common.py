@@ -197,7 +197,8 @@ def seed_of_part(part, b, cand_score_ptr, cand_index_ptr, seeds_ptr, seeds_strid
 @triton.jit
 def part_inverse(sums_ptr, abs_ptr, S, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
     """(1 / S_k, degenerate) from the chunks' partial S_k and sum |sim_k|, summed in chunk order;
-    1 / S_k is 0 for a degenerate part (|S_k| <= ratio * sum |sim_k|: a uniform map)."""
+    1 / S_k is 0 for a degenerate part (|S_k| <= ratio * sum |sim_k|, or 1 / S_k overflows: a
+    uniform map)."""
     total = tl.zeros([BLOCK_S], ACC)
     total_abs = tl.zeros([BLOCK_S], ACC)
     for s0 in range(0, S, BLOCK_S):
@@ -207,5 +208,29 @@ def part_inverse(sums_ptr, abs_ptr, S, BLOCK_S: tl.constexpr, ACC: tl.constexpr)
     s_sum = tl.sum(total, axis=0)
     s_abs = tl.sum(total_abs, axis=0)
     one = acc_const(1.0, ACC)
-    degenerate = tl.abs(s_sum) <= acc_const(RATIO_C, ACC) * s_abs
-    return tl.where(degenerate, 0.0, one / tl.where(degenerate, one, s_sum)), degenerate
+    inverse = one / tl.where(s_sum == 0, one, s_sum)
+    # Degenerate: S_k cancels, or is too small to invert (similarities that underflowed).
+    degenerate = (tl.abs(s_sum) <= acc_const(RATIO_C, ACC) * s_abs) | (tl.abs(inverse) == float("inf"))
+    return tl.where(degenerate, 0.0, inverse), degenerate
+
+
+@triton.jit
+def power_of_two_scales(maxabs, ACC: tl.constexpr):
+    """(2^-e, 2^e) with 2^e about the column's largest |x|: multiplying by them is exact."""
+    if ACC == tl.float64:
+        exponent = (maxabs.to(tl.int64, bitcast=True) >> 52) & 2047
+        down = tl.minimum(tl.maximum(2046 - exponent, 1), 2045)
+        return (down << 52).to(tl.float64, bitcast=True), ((2046 - down) << 52).to(tl.float64, bitcast=True)
+    else:
+        exponent = (maxabs.to(tl.int32, bitcast=True) >> 23) & 255
+        down = tl.minimum(tl.maximum(254 - exponent, 1), 253)
+        return (down << 23).to(tl.float32, bitcast=True), ((254 - down) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def sums_scale(N, ACC: tl.constexpr):
+    """(2^-e, 2^e) with N <= 2^e < 2N. Sums over positions are accumulated scaled by 2^-e, so
+    sum_n sim_n x_n and sum_n x_n (|sim_n| <= 1) stay finite wherever every x_n is; the exact
+    power of two changes no rounding."""
+    down, up = power_of_two_scales(acc_const(1.0, ACC) * N, ACC)
+    return down * 0.5, up * 2.0

@@ -38,6 +38,8 @@ from brnpa_triton.ops.kernels.common import (
     load_column,
     load_tile,
     part_inverse,
+    power_of_two_scales,
+    sums_scale,
     seed_of_part,
 )
 
@@ -50,24 +52,13 @@ SMALL_SUMSQ_F64 = tl.constexpr(9.332636185032189e-302)
 # ---- 1. norms ---------------------------------------------------------------------------
 
 @triton.jit
-def _power_of_two_scales(maxabs, ACC: tl.constexpr):
-    """(2^-e, 2^e) with 2^e about the column's largest |x|: multiplying by them is exact."""
-    if ACC == tl.float64:
-        exponent = (maxabs.to(tl.int64, bitcast=True) >> 52) & 2047
-        down = tl.minimum(tl.maximum(2046 - exponent, 1), 2045)
-        return (down << 52).to(tl.float64, bitcast=True), ((2046 - down) << 52).to(tl.float64, bitcast=True)
-    else:
-        exponent = (maxabs.to(tl.int32, bitcast=True) >> 23) & 255
-        down = tl.minimum(tl.maximum(254 - exponent, 1), 253)
-        return (down << 23).to(tl.float32, bitcast=True), ((254 - down) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _tile_sums_of_squares(x_b, offs_n, C, N, stride_c, stride_n, sums_ptr, accumulate, LAYOUT: tl.constexpr,
                           ALIGN: tl.constexpr, REFINE: tl.constexpr, BLOCK_C: tl.constexpr,
                           BLOCK_N: tl.constexpr, ACC: tl.constexpr):
     """(sum_c x_cn^2, max_c |x_cn|) of one tile of positions; when refining, also adds the
-    tile's sum over positions to the chunk's sum_n x_n (stored, not added, unless ``accumulate``)."""
+    tile's sum over positions to the chunk's sum_n x_n, scaled by ``sums_scale`` (stored, not
+    added, unless ``accumulate``)."""
+    sum_scale, sum_unscale = sums_scale(N, ACC)
     squares = tl.zeros([BLOCK_C, BLOCK_N], ACC)
     largest = tl.zeros([BLOCK_C, BLOCK_N], ACC)
     # The next tile's loads are issued before this one is used: two tiles in flight.
@@ -79,7 +70,7 @@ def _tile_sums_of_squares(x_b, offs_n, C, N, stride_c, stride_n, sums_ptr, accum
         largest = tl.maximum(largest, tl.abs(tile))
         if REFINE:
             previous = tl.load(sums_ptr + offs_c, mask=offs_c < bound_if(accumulate, C), other=0.0)
-            tl.store(sums_ptr + offs_c, previous + tl.sum(tile, axis=1), mask=offs_c < C)
+            tl.store(sums_ptr + offs_c, previous + tl.sum(tile * sum_scale, axis=1), mask=offs_c < C)
         tile = upcoming
     return tl.sum(squares, axis=0), tl.max(largest, axis=0)
 
@@ -114,7 +105,7 @@ def _tile_norms(x_b, offs_n, valid_n, C, N, stride_c, stride_n, sums_ptr, accumu
     rescale = valid_n & ((sumsq == float("inf")) | ((sumsq < small) & (maxabs > 0)))
     norms = acc_sqrt(sumsq, ACC)
     if tl.max(rescale.to(tl.int32), axis=0) > 0:  # uniform per program, rare
-        down, up = _power_of_two_scales(maxabs, ACC)
+        down, up = power_of_two_scales(maxabs, ACC)
         scaled = _tile_rescaled_sums_of_squares(x_b, offs_n, down, C, N, stride_c, stride_n, LAYOUT, ALIGN,
                                                 BLOCK_C, BLOCK_N, ACC)
         norms = tl.where(rescale, acc_sqrt(scaled, ACC) * up, norms)
@@ -145,7 +136,7 @@ def forward_norms_kernel(
     best = tl.full([], float("-inf"), ACC)
     best_index = tl.zeros([], tl.int32)
     chunk_start = s * tiles_per_chunk * BLOCK_N
-    for t in range(0, tiles_per_chunk):  # streams X
+    for t in range(0, tiles_per_chunk):  # one tile of positions at a time (its C loops stream X)
         offs_n = chunk_start + t * BLOCK_N + tl.arange(0, BLOCK_N)
         valid_n = offs_n < N
         norms = _tile_norms(x_b, offs_n, valid_n, C, N, stride_xc, stride_xn, chunk_sums, t > 0, LAYOUT, ALIGN,
@@ -227,6 +218,7 @@ def forward_part_kernel(
     row = b.to(tl.int64) * N
     eps = acc_const(EPS_C, ACC)
     one = acc_const(1.0, ACC)
+    sum_scale, sum_unscale = sums_scale(N, ACC)  # partial weighted sums are kept scaled: no overflow
     seed, seed_valid, _ = seed_of_part(part, b, cand_score_ptr, cand_index_ptr, seeds_ptr, seeds_stride_b,
                                        seeds_stride_k, N, K, S, GIVEN_SEEDS, BLOCK_S, ACC)
     rho_seed = tl.load(saved_norms_ptr + row + seed, mask=seed_valid, other=0.0) + eps
@@ -243,12 +235,12 @@ def forward_part_kernel(
     best = tl.full([], float("-inf"), ACC)
     best_index = tl.zeros([], tl.int32)
     chunk_start = s * tiles_per_chunk * BLOCK_N
-    for t in range(0, tiles_per_chunk):  # streams X
+    for t in range(0, tiles_per_chunk):  # one tile of positions at a time (its C loops stream X)
         offs_n = chunk_start + t * BLOCK_N + tl.arange(0, BLOCK_N)
         valid_n = offs_n < N
         rho = tl.load(saved_norms_ptr + row + offs_n, mask=valid_n, other=0.0) + eps
         previous_sims = tl.load(sims_ptr + (row * K + (part - 1) * N) + offs_n,
-                                mask=offs_n < bound_if(fold, N), other=0.0)
+                                mask=offs_n < bound_if(fold, N), other=0.0) * sum_scale
         dots = _tile_seed_dots(x_b, offs_n, seed, seed_valid, inv_rho_seed, previous_sims, fold_sums, fold, t > 0,
                                C, N, stride_xc, stride_xn, LAYOUT, ALIGN, REFINE, BLOCK_C, BLOCK_N, ACC)
         sims = tl.where(valid_n, dots / rho, 0.0)
@@ -261,7 +253,7 @@ def forward_part_kernel(
         best, best_index = argmax_update(scores, offs_n, score_mask, best, best_index, N)
         if REFINE:
             if part == K - 1:
-                _tile_weighted_sum(x_b, offs_n, sims, last_sums, t > 0, C, N, stride_xc, stride_xn, LAYOUT, ALIGN,
+                _tile_weighted_sum(x_b, offs_n, sims * sum_scale, last_sums, t > 0, C, N, stride_xc, stride_xn, LAYOUT, ALIGN,
                                    BLOCK_C, ACC)
         tl.debug_barrier()  # this tile's partial sums are stored before the next tile reloads them
     slot = (b.to(tl.int64) * K + part) * S + s
@@ -286,6 +278,7 @@ def _vectors_slice(x_b, b, s, seeds_ptr, seeds_stride_b, seeds_stride_k, cand_sc
     c_start = s * c_per_program
     c_stop = tl.minimum(c_start + c_per_program, C)
     uniform = acc_const(1.0, ACC) / N
+    sum_scale, sum_unscale = sums_scale(N, ACC)
     for k in range(0, K):
         part_slot = (b.to(tl.int64) * K + k) * S
         inv, degenerate = part_inverse(part_sums_ptr + part_slot, part_abs_ptr + part_slot, S, BLOCK_S, ACC)
@@ -303,7 +296,7 @@ def _vectors_slice(x_b, b, s, seeds_ptr, seeds_stride_b, seeds_stride_k, cand_sc
                     weighted += tl.load(part_sums + chunk * C + offs_c, mask=valid_c, other=0.0)
                     plain += tl.load(plain_sums + chunk * C + offs_c, mask=offs_c < bound_if(degenerate, c_stop),
                                      other=0.0)
-                v = tl.where(degenerate, plain * uniform, weighted * inv)
+                v = tl.where(degenerate, plain * (sum_unscale * uniform), (weighted * inv) * sum_unscale)
             else:
                 v = load_column(x_b, offs_c, seed, seed_valid, c_stop, stride_c, stride_n, LAYOUT, ALIGN, ACC)
             tl.store(vectors_ws_ptr + (b.to(tl.int64) * K + k) * C + offs_c, v, mask=valid_c)
@@ -318,7 +311,7 @@ def _length(vector_ptr, C, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         v = tl.load(vector_ptr + offs_c, mask=offs_c < C, other=0.0, cache_modifier=".cg")
         largest = tl.maximum(largest, tl.abs(v))
-    down, up = _power_of_two_scales(tl.max(largest, axis=0), ACC)
+    down, up = power_of_two_scales(tl.max(largest, axis=0), ACC)
     squares = tl.zeros([BLOCK_C], ACC)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
