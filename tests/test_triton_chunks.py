@@ -74,7 +74,7 @@ def test_forced_chunks_with_every_gradient_and_ranking(refine):
     seeds = torch.tensor([[7, 2, 7], [0, 9, 4]], device=DEVICE)
     out = triton_impl.forward(x, 3, refine, seeds, by_activity=True, config=config)
     ref = torch_impl.forward(x, 3, refine, seeds, by_activity=True)
-    for name, got, want in zip(out._fields, out, ref):
+    for name, got, want in zip(out._fields, out, ref, strict=True):
         assert_close(got, want, 1e-11, name) if got.is_floating_point() else None
     assert torch.equal(out.indices, ref.indices)
     g = torch.Generator().manual_seed(3)
@@ -114,7 +114,7 @@ def test_bitwise_deterministic(dtype):
     config = CHUNKINGS[1]
     a = triton_impl.forward(x, 3, True, by_activity=True, config=config)
     b = triton_impl.forward(x, 3, True, by_activity=True, config=config)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         assert torch.equal(u, v)
     grads = no_activity(random_grads(x, 3, 9))
     assert torch.equal(triton_impl.backward(x, *grads, a.saved(), True, config=config),
@@ -259,7 +259,7 @@ def test_block_sizes_do_not_depend_on_the_batch():
         for strides in (LAYOUT_STRIDES["nchw"](512, 784), LAYOUT_STRIDES["channels_last"](512, 784)):
             plans = [triton_impl.forward_plan(B, 512, 784, 3, dtype, strides, sm_count=132)
                      + triton_impl.backward_plan(B, 512, 784, 3, dtype, strides, sm_count=132) for B in (1, 7, 256)]
-            for launches in zip(*plans):
+            for launches in zip(*plans, strict=True):
                 keys = {tuple(sorted((k, str(v)) for k, v in launch.constexprs.items())) for launch in launches}
                 assert len(keys) == 1
     # a small batch gets more chunks, a big one fewer (down to the positions' tiles)

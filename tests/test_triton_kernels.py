@@ -17,7 +17,6 @@ rounding (exact ties: lowest index).
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -30,8 +29,8 @@ from hypothesis import strategies as st  # noqa: E402
 import brnpa_triton  # noqa: E402
 from brnpa_triton.ops import torch_impl, triton_impl  # noqa: E402
 from brnpa_triton.ops.common import accumulation_dtype  # noqa: E402
-from tests.seed_check import greedy_seed_error  # noqa: E402
 from reference.brnpa import brnpa_reference  # noqa: E402
+from tests.seed_check import greedy_seed_error  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
