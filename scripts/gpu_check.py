@@ -12,7 +12,7 @@
    and off, greedy and given seeds, odd and realistic shapes; outputs are NaN-poisoned first,
    so an unwritten element fails; dX must keep x's strides; two runs must agree bitwise;
 2. forward + backward captured in a CUDA graph and replayed (no host synchronisation);
-3. timings of the kernels vs the vectorised PyTorch path at the KERNEL_NOTES shapes, with the
+3. timings of the kernels vs the vectorised PyTorch path at the benchmark shapes, with the
    effective bandwidth of one read of X;
 4. ``python -m bench.run --quick`` (when bench/ exists), in what is left of the time budget.
 
@@ -40,11 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from brnpa_triton import testing  # noqa: E402
 from brnpa_triton.ops import torch_impl, triton_impl  # noqa: E402
-from tests.seed_check import greedy_seed_error  # noqa: E402
 
 T0 = time.time()
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-9}
 DNAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
@@ -63,45 +62,15 @@ def log(msg: str) -> None:
 
 # ---- helpers -------------------------------------------------------------------------------
 
+# The (B, C, N) view of features in each layout the kernels see: NCHW and channels_last
+# feature maps, and (B, N, C) tokens, whose view has the channels_last strides.
+VIEW_OF = {"nchw": "nchw", "channels_last": "channels_last", "tokens": "channels_last"}
+
+
 def make_x(B, C, H, W, dtype, layout, seed):
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).relu().to(dtype)
-    if layout == "nchw":
-        f = v.to(DEVICE)
-    elif layout == "channels_last":
-        f = v.to(DEVICE).contiguous(memory_format=torch.channels_last)
-    elif layout == "tokens":
-        return v.flatten(2).transpose(1, 2).contiguous().to(DEVICE).transpose(1, 2)  # (B, N, C) tokens as (B, C, N)
-    else:
-        raise ValueError(layout)
-    return f.flatten(2)
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    if not bool(torch.isfinite(a).all()):
-        return float("inf")
-    scale = b.abs().max().item()
-    return (a - b).abs().max().item() / max(scale, 1e-30)
-
-
-def poison():
-    """NaN-poison the launchers' allocations (restored by the returned function)."""
-    saved = (triton_impl._empty, triton_impl._empty_like, triton_impl._workspace)
-
-    def empty(shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        return t.fill_(-7) if dtype == torch.int64 else t.fill_(float("nan"))
-
-    triton_impl._empty = empty
-    triton_impl._empty_like = lambda x: torch.empty_like(x).fill_(float("nan"))
-    triton_impl._workspace = lambda n, dtype, device: torch.full(
-        (max(n, 1),), float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
-
-    def restore():
-        triton_impl._empty, triton_impl._empty_like, triton_impl._workspace = saved
-
-    return restore
+    """Non-negative (B, C, H * W) features in ``layout``, on DEVICE."""
+    values = testing.random_values(B, C, H * W, seed=seed).to(dtype)
+    return testing.view_in_layout(values, VIEW_OF[layout], device=DEVICE)
 
 
 # ---- 1. correctness --------------------------------------------------------------------------
@@ -118,23 +87,21 @@ def correctness_case(B, C, H, W, K, dtype, layout, refine, given, seed=0):
     if given:
         ok_idx = torch.equal(out.indices, seeds)
     else:
-        ok_idx = greedy_seed_error(x, out.indices, 1e-4) is None
+        ok_idx = testing.greedy_seed_error(x, out.indices, 1e-4) is None
     x64 = x.double()
     ref = torch_impl.forward(x64, K, refine, out.indices if ok_idx else None)
-    cond = float(ref.maps.abs().sum(-1).max())
-    tol = TOL[dtype] * cond
-    e_fwd = max(rel_err(out.vectors, ref.vectors), rel_err(out.maps, ref.maps),
-                rel_err(out.saved_norms, ref.saved_norms), rel_err(out.inv_sums, ref.inv_sums))
-    g = torch.Generator().manual_seed(seed + 7)
-    grads = [torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE) for s in ((B, K, C), (B, K, N), (B, N))]
-    g_vec, g_map, g_norm = (t.to(dtype) for t in grads)
+    cond = testing.conditioning(ref.maps)
+    tol = testing.SCALED_TOLERANCE[dtype] * cond
+    e_fwd = max(testing.scaled_error(getattr(out, name), getattr(ref, name))
+                for name in ("vectors", "maps", "saved_norms", "inv_sums"))
+    g_vec, g_map, g_norm = testing.random_grads(x, K, seed=seed)
     dx = triton_impl.backward(x, g_vec, g_map, None, g_norm, out.saved(), refine)
     sync()
     dx_ref = torch_impl.backward(x64, g_vec.double(), g_map.double(), None, g_norm.double(), ref.saved(), refine)
     # float16: gradients at zero vectors (rho_n = eps) can pass 65504; they overflow to inf there.
     limit = torch.finfo(dtype).max
     overflow = dx_ref.abs() > limit
-    e_bwd = rel_err(dx[~overflow], dx_ref[~overflow])
+    e_bwd = testing.scaled_error(dx[~overflow], dx_ref[~overflow])
     if not bool(torch.isinf(dx[overflow]).all()):
         e_bwd = float("inf")
     strides_ok = dx.stride() == x.stride()
@@ -148,8 +115,7 @@ def correctness_case(B, C, H, W, K, dtype, layout, refine, given, seed=0):
 
 
 def run_correctness(results):
-    restore = poison()
-    try:
+    with testing.poisoned_allocations(triton_impl):
         cases = []
         if INTERPRET:  # a rehearsal of this script's own logic: tiny shapes, every dtype and layout
             for dtype, layout in ((torch.float32, "nchw"), (torch.bfloat16, "channels_last"),
@@ -180,8 +146,6 @@ def run_correctness(results):
             log(f"{'ok  ' if r['ok'] else 'FAIL'} {r['shape']:22} {r['dtype']} {r['layout']:13} refine={refine!s:5} "
                 f"{r['seeds']:6} fwd_err={r.get('fwd_err', float('nan')):.2e} "
                 f"bwd_err={r.get('bwd_err', float('nan')):.2e}")
-    finally:
-        restore()
 
 
 # ---- 2. CUDA graphs --------------------------------------------------------------------------
