@@ -84,6 +84,16 @@ def random_values(B, C, N, *, seed, kind="relu") -> torch.Tensor:
     return x
 
 
+def random_grads(x: torch.Tensor, num_parts: int, *, seed: int) -> tuple[torch.Tensor, ...]:
+    """Standard-normal gradients (of vectors (B, K, C), maps (B, K, N), norms (B, N)) for x
+    (B, C, N), drawn in float64, then put on x's device and dtype. The stream is offset from
+    ``seed`` so that they are not the values ``random_values`` draws with the same seed."""
+    B, C, N = x.shape
+    g = torch.Generator().manual_seed(seed + 7)
+    shapes = ((B, num_parts, C), (B, num_parts, N), (B, N))
+    return tuple(torch.randn(*s, generator=g, dtype=torch.float64).to(device=x.device, dtype=x.dtype) for s in shapes)
+
+
 def duplicate_groups(features: torch.Tensor) -> torch.Tensor:
     """(B, N) int64: for every position, the lowest position holding a bitwise-identical vector."""
     x = features.flatten(2).transpose(1, 2)  # (B, N, C)
@@ -194,6 +204,12 @@ def assert_scaled_close(actual: torch.Tensor, expected: torch.Tensor, tol: float
     assert bool(torch.isfinite(actual).all()), f"{what}: non-finite values (unwritten or bad reads)"
     error = scaled_error(actual, expected)
     assert error <= tol, f"{what}: max error {error:.3g} of the largest magnitude, tolerance {tol:.3g}"
+
+
+def assert_greedy_seeds(x: torch.Tensor, indices: torch.Tensor, rel: float) -> None:
+    """Fails with ``greedy_seed_error``'s message unless ``indices`` follow the greedy rule."""
+    error = greedy_seed_error(x, indices, rel)
+    assert error is None, error
 
 
 def conditioning(maps: torch.Tensor) -> float:

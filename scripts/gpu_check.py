@@ -12,7 +12,7 @@
    and off, greedy and given seeds, odd and realistic shapes; outputs are NaN-poisoned first,
    so an unwritten element fails; dX must keep x's strides; two runs must agree bitwise;
 2. forward + backward captured in a CUDA graph and replayed (no host synchronisation);
-3. timings of the kernels vs the vectorised PyTorch path at the KERNEL_NOTES shapes, with the
+3. timings of the kernels vs the vectorised PyTorch path at the benchmark shapes, with the
    effective bandwidth of one read of X;
 4. ``python -m bench.run --quick`` (when bench/ exists), in what is left of the time budget.
 
@@ -40,11 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from brnpa_triton import testing  # noqa: E402
 from brnpa_triton.ops import torch_impl, triton_impl  # noqa: E402
-from tests.seed_check import greedy_seed_error  # noqa: E402
 
 T0 = time.time()
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-9}
 DNAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
@@ -63,45 +62,15 @@ def log(msg: str) -> None:
 
 # ---- helpers -------------------------------------------------------------------------------
 
+# The (B, C, N) view of features in each layout the kernels see: NCHW and channels_last
+# feature maps, and (B, N, C) tokens, whose view has the channels_last strides.
+VIEW_OF = {"nchw": "nchw", "channels_last": "channels_last", "tokens": "channels_last"}
+
+
 def make_x(B, C, H, W, dtype, layout, seed):
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).relu().to(dtype)
-    if layout == "nchw":
-        f = v.to(DEVICE)
-    elif layout == "channels_last":
-        f = v.to(DEVICE).contiguous(memory_format=torch.channels_last)
-    elif layout == "tokens":
-        return v.flatten(2).transpose(1, 2).contiguous().to(DEVICE).transpose(1, 2)  # (B, N, C) tokens as (B, C, N)
-    else:
-        raise ValueError(layout)
-    return f.flatten(2)
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    if not bool(torch.isfinite(a).all()):
-        return float("inf")
-    scale = b.abs().max().item()
-    return (a - b).abs().max().item() / max(scale, 1e-30)
-
-
-def poison():
-    """NaN-poison the launchers' allocations (restored by the returned function)."""
-    saved = (triton_impl._empty, triton_impl._empty_like, triton_impl._workspace)
-
-    def empty(shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        return t.fill_(-7) if dtype == torch.int64 else t.fill_(float("nan"))
-
-    triton_impl._empty = empty
-    triton_impl._empty_like = lambda x: torch.empty_like(x).fill_(float("nan"))
-    triton_impl._workspace = lambda n, dtype, device: torch.full(
-        (max(n, 1),), float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
-
-    def restore():
-        triton_impl._empty, triton_impl._empty_like, triton_impl._workspace = saved
-
-    return restore
+    """Non-negative (B, C, H * W) features in ``layout``, on DEVICE."""
+    values = testing.random_values(B, C, H * W, seed=seed).to(dtype)
+    return testing.view_in_layout(values, VIEW_OF[layout], device=DEVICE)
 
 
 # ---- 1. correctness --------------------------------------------------------------------------
@@ -118,29 +87,27 @@ def correctness_case(B, C, H, W, K, dtype, layout, refine, given, seed=0):
     if given:
         ok_idx = torch.equal(out.indices, seeds)
     else:
-        ok_idx = greedy_seed_error(x, out.indices, 1e-4) is None
+        ok_idx = testing.greedy_seed_error(x, out.indices, 1e-4) is None
     x64 = x.double()
     ref = torch_impl.forward(x64, K, refine, out.indices if ok_idx else None)
-    cond = float(ref.maps.abs().sum(-1).max())
-    tol = TOL[dtype] * cond
-    e_fwd = max(rel_err(out.vectors, ref.vectors), rel_err(out.maps, ref.maps), rel_err(out.saved_norms, ref.saved_norms),
-                rel_err(out.inv_sums, ref.inv_sums))
-    g = torch.Generator().manual_seed(seed + 7)
-    grads = [torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE) for s in ((B, K, C), (B, K, N), (B, N))]
-    g_vec, g_map, g_norm = (t.to(dtype) for t in grads)
+    cond = testing.conditioning(ref.maps)
+    tol = testing.SCALED_TOLERANCE[dtype] * cond
+    e_fwd = max(testing.scaled_error(getattr(out, name), getattr(ref, name))
+                for name in ("vectors", "maps", "saved_norms", "inv_sums"))
+    g_vec, g_map, g_norm = testing.random_grads(x, K, seed=seed)
     dx = triton_impl.backward(x, g_vec, g_map, None, g_norm, out.saved(), refine)
     sync()
     dx_ref = torch_impl.backward(x64, g_vec.double(), g_map.double(), None, g_norm.double(), ref.saved(), refine)
     # float16: gradients at zero vectors (rho_n = eps) can pass 65504; they overflow to inf there.
     limit = torch.finfo(dtype).max
     overflow = dx_ref.abs() > limit
-    e_bwd = rel_err(dx[~overflow], dx_ref[~overflow])
+    e_bwd = testing.scaled_error(dx[~overflow], dx_ref[~overflow])
     if not bool(torch.isinf(dx[overflow]).all()):
         e_bwd = float("inf")
     strides_ok = dx.stride() == x.stride()
     again = triton_impl.forward(x, K, refine, seeds)
     dx2 = triton_impl.backward(x, g_vec, g_map, None, g_norm, again.saved(), refine)
-    deterministic = all(torch.equal(a, b) for a, b in zip(out, again)) and torch.equal(dx, dx2)
+    deterministic = all(torch.equal(a, b) for a, b in zip(out, again, strict=True)) and torch.equal(dx, dx2)
     ok = ok_idx and e_fwd <= tol and e_bwd <= tol * cond and strides_ok and deterministic
     return dict(check="correctness", shape=f"{B}x{C}x{H}x{W} K={K}", dtype=DNAME[dtype], layout=layout,
                 refine=refine, seeds="given" if given else "greedy", fwd_err=e_fwd, bwd_err=e_bwd, tol=tol,
@@ -148,8 +115,7 @@ def correctness_case(B, C, H, W, K, dtype, layout, refine, given, seed=0):
 
 
 def run_correctness(results):
-    restore = poison()
-    try:
+    with testing.poisoned_allocations(triton_impl):
         cases = []
         if INTERPRET:  # a rehearsal of this script's own logic: tiny shapes, every dtype and layout
             for dtype, layout in ((torch.float32, "nchw"), (torch.bfloat16, "channels_last"),
@@ -178,9 +144,8 @@ def run_correctness(results):
                 traceback.print_exc()
             results.append(r)
             log(f"{'ok  ' if r['ok'] else 'FAIL'} {r['shape']:22} {r['dtype']} {r['layout']:13} refine={refine!s:5} "
-                f"{r['seeds']:6} fwd_err={r.get('fwd_err', float('nan')):.2e} bwd_err={r.get('bwd_err', float('nan')):.2e}")
-    finally:
-        restore()
+                f"{r['seeds']:6} fwd_err={r.get('fwd_err', float('nan')):.2e} "
+                f"bwd_err={r.get('bwd_err', float('nan')):.2e}")
 
 
 # ---- 2. CUDA graphs --------------------------------------------------------------------------
@@ -189,7 +154,7 @@ def run_graph(results):
     try:
         x = make_x(4, 128, 14, 14, torch.float32, "channels_last", 3)
         B, C, N = x.shape
-        gv, ga, gn = torch.randn(B, 3, C, device="cuda"), torch.randn(B, 3, N, device="cuda"), torch.randn(B, N, device="cuda")
+        gv, ga, gn = (torch.randn(*shape, device="cuda") for shape in ((B, 3, C), (B, 3, N), (B, N)))
         eager = triton_impl.forward(x, 3, True)
         eager_dx = triton_impl.backward(x, gv, ga, None, gn, eager.saved(), True)
         s = torch.cuda.Stream()
@@ -204,7 +169,7 @@ def run_graph(results):
             dx = triton_impl.backward(x, gv, ga, None, gn, out.saved(), True)
         graph.replay()
         torch.cuda.synchronize()
-        ok = all(torch.equal(a, b) for a, b in zip(out, eager)) and torch.equal(dx, eager_dx)
+        ok = all(torch.equal(a, b) for a, b in zip(out, eager, strict=True)) and torch.equal(dx, eager_dx)
         results.append(dict(check="cuda_graph", ok=ok))
     except Exception as e:
         traceback.print_exc()
@@ -247,9 +212,15 @@ def run_timings(results, budget_s):
                     gv, ga, gn = (torch.randn(*s, device="cuda", dtype=dtype) for s in ((B, K, C), (B, K, N), (B, N)))
                     row = dict(check="timing", shape=f"{B}x{C}x{H}x{W}", dtype=DNAME[dtype], layout=layout, K=K)
                     for name, mod in (("triton", triton_impl), ("torch", torch_impl)):
-                        fwd = lambda: mod.forward(x, K, True)  # noqa: E731
+                        # Timed right here, but bound to this iteration's values all the same.
+                        def fwd(mod=mod, x=x):
+                            return mod.forward(x, K, True)
+
                         saved = fwd()
-                        bwd = lambda: mod.backward(x, gv, ga, None, gn, saved.saved(), True)  # noqa: E731
+
+                        def bwd(mod=mod, x=x, gv=gv, ga=ga, gn=gn, saved=saved):
+                            return mod.backward(x, gv, ga, None, gn, saved.saved(), True)
+
                         row[f"{name}_fwd_us"] = time_fn(fwd) * 1e6
                         row[f"{name}_bwd_us"] = time_fn(bwd) * 1e6
                     xbytes = x.numel() * x.element_size()
@@ -349,12 +320,15 @@ def main(argv=None):
         print(f"{'shape':16} {'dtype':5} {'layout':13} {'tri fwd us':>10} {'tri bwd us':>10} {'pt fwd us':>10} "
               f"{'pt bwd us':>10} {'fwd GB/s':>8} {'bwd GB/s':>8}")
         for r in tim:
-            print(f"{r['shape']:16} {r['dtype']:5} {r['layout']:13} {r['triton_fwd_us']:10.1f} {r['triton_bwd_us']:10.1f} "
-                  f"{r['torch_fwd_us']:10.1f} {r['torch_bwd_us']:10.1f} {r['fwd_GBps_1read']:8.0f} {r['bwd_GBps_rw']:8.0f}")
+            print(f"{r['shape']:16} {r['dtype']:5} {r['layout']:13} {r['triton_fwd_us']:10.1f} "
+                  f"{r['triton_bwd_us']:10.1f} {r['torch_fwd_us']:10.1f} {r['torch_bwd_us']:10.1f} "
+                  f"{r['fwd_GBps_1read']:8.0f} {r['bwd_GBps_rw']:8.0f}")
     print(f"failures: {len(bad)}" + ("" if not bad else " -> " + "; ".join(
-        f"{r['check']} {r.get('shape', '')} {r.get('dtype', '')} {r.get('layout', '')} {r.get('error', '')}" for r in bad[:8])))
+        f"{r['check']} {r.get('shape', '')} {r.get('dtype', '')} {r.get('layout', '')} {r.get('error', '')}"
+        for r in bad[:8])))
     print(f"json: {path}")
-    return 1 if any(not r.get("ok", False) for r in results if r["check"] in ("correctness", "cuda_graph", "pytest")) else 0
+    gating = ("correctness", "cuda_graph", "pytest")
+    return 1 if any(not r.get("ok", False) for r in results if r["check"] in gating) else 0
 
 
 def rehearse() -> int:

@@ -3,8 +3,9 @@ cross-chunk reductions, ties across chunk boundaries and chunks of a single posi
 the launch plans, the launch count of a call, determinism, seeds outside [0, N) and the range
 of finite inputs.
 
-Every launcher allocation is NaN-poisoned (the fixture comes from test_triton_kernels), so an
-unwritten output or workspace element shows up as a non-finite result.
+Every launcher allocation is NaN-poisoned (``testing.poisoned_allocations``; the autouse
+fixture comes from test_triton_kernels), so an unwritten output or workspace element shows up
+as a non-finite result.
 """
 
 from __future__ import annotations
@@ -15,18 +16,14 @@ import torch
 pytest.importorskip("triton")
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from brnpa_triton import testing  # noqa: E402
 from brnpa_triton.ops import torch_impl, triton_impl  # noqa: E402
 from brnpa_triton.ops.kernels import backward as backward_kernels  # noqa: E402
 from brnpa_triton.ops.kernels import forward as forward_kernels  # noqa: E402
 from tests.test_triton_kernels import (  # noqa: E402,F401  (poison_allocations: autouse fixture)
     DEVICE,
-    assert_close,
-    check_greedy,
-    in_layout,
-    make_values,
     no_activity,
     poison_allocations,
-    random_grads,
     reference,
 )
 
@@ -49,33 +46,33 @@ def grid_of(x, K, config, refine=True):
 @pytest.mark.parametrize("layout", ["nchw", "padded_channels_last"])
 def test_forced_chunks_match_the_reference(config, layout):
     """Forward and backward with chunk sums reduced across programs, against float64."""
-    values = make_values(2, 5, 7, "relu", 5) + 0.05
-    x = in_layout(values, layout)
+    values = testing.random_values(2, 5, 7, seed=5) + 0.05
+    x = testing.view_in_layout(values, layout, device=DEVICE)
     B, C, N = x.shape
     S = grid_of(x, 3, config)[1]
     assert S == {1: N, 2: 2, 4: 1}[config["BLOCK_N"]]
     out = triton_impl.forward(x, 3, True, config=config)
-    check_greedy(x, out.indices, rel=1e-12)
-    grads = random_grads(x, 3, 1)
+    testing.assert_greedy_seeds(x, out.indices, rel=1e-12)
+    grads = testing.random_grads(x, 3, seed=1)
     vec, maps, norms, dx_ref = reference(x, 3, True, out.indices, grads)
-    assert_close(out.vectors, vec, 1e-12, "vectors")
-    assert_close(out.maps, maps, 1e-12, "maps")
-    assert_close(out.saved_norms, norms, 1e-12, "norms")
+    testing.assert_scaled_close(out.vectors, vec, 1e-12, "vectors")
+    testing.assert_scaled_close(out.maps, maps, 1e-12, "maps")
+    testing.assert_scaled_close(out.saved_norms, norms, 1e-12, "norms")
     dx = triton_impl.backward(x, *no_activity(grads), out.saved(), True, config=config)
-    assert_close(dx, dx_ref, 1e-11, "dx")
+    testing.assert_scaled_close(dx, dx_ref, 1e-11, "dx")
 
 
 @pytest.mark.parametrize("refine", [True, False])
 def test_forced_chunks_with_every_gradient_and_ranking(refine):
     """Activity gradient, missing gradients (None), ranking and given seeds, in many chunks."""
-    values = make_values(2, 6, 10, "signed", 8) + 0.4
-    x = in_layout(values, "channels_last")
+    values = testing.random_values(2, 6, 10, seed=8, kind="signed") + 0.4
+    x = testing.view_in_layout(values, "channels_last", device=DEVICE)
     config = CHUNKINGS[1]
     seeds = torch.tensor([[7, 2, 7], [0, 9, 4]], device=DEVICE)
     out = triton_impl.forward(x, 3, refine, seeds, by_activity=True, config=config)
     ref = torch_impl.forward(x, 3, refine, seeds, by_activity=True)
-    for name, got, want in zip(out._fields, out, ref):
-        assert_close(got, want, 1e-11, name) if got.is_floating_point() else None
+    for name, got, want in zip(out._fields, out, ref, strict=True):
+        testing.assert_scaled_close(got, want, 1e-11, name) if got.is_floating_point() else None
     assert torch.equal(out.indices, ref.indices)
     g = torch.Generator().manual_seed(3)
     grad_activity = torch.randn(2, 3, generator=g, dtype=torch.float64).to(DEVICE)
@@ -83,7 +80,7 @@ def test_forced_chunks_with_every_gradient_and_ranking(refine):
     for grads in ((None, None, grad_activity, None), (grad_vectors, None, grad_activity, None)):
         dx = triton_impl.backward(x, *grads, out.saved(), refine, config=config)
         dx_ref = torch_impl.backward(x, *grads, ref.saved(), refine)
-        assert_close(dx, dx_ref, 1e-11, "dx")
+        testing.assert_scaled_close(dx, dx_ref, 1e-11, "dx")
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -91,16 +88,16 @@ def test_forced_chunks_with_every_gradient_and_ranking(refine):
 def test_ties_across_chunk_boundaries_pick_the_lowest_index(layout, dtype):
     """Duplicated columns in different chunks get bitwise-identical norms and similarities, so
     every exact tie goes to the lowest position, whatever the chunking."""
-    values = make_values(1, 5, 12, "relu", 4)
+    values = testing.random_values(1, 5, 12, seed=4)
     values[:, :, 3] = 2 * values.abs().max() + 1.0  # the biggest column: the first seed ...
     values[:, :, 10] = values[:, :, 3]  # ... tied in a later chunk
     values[:, :, 8] = values[:, :, 1]
     values[:, :, 11] = values[:, :, 1]
-    x = in_layout(values.to(dtype), layout)
+    x = testing.view_in_layout(values.to(dtype), layout, device=DEVICE)
     for config in (CHUNKINGS[0], None):
         out = triton_impl.forward(x, 4, True, config=config)
         assert out.indices[0, 0].item() == 3
-        check_greedy(x, out.indices, rel=1e-4)
+        testing.assert_greedy_seeds(x, out.indices, rel=1e-4)
         for twins in ((3, 10), (1, 8, 11)):
             norms = out.saved_norms[0, list(twins)]
             maps = out.maps[0][:, list(twins)]
@@ -110,13 +107,13 @@ def test_ties_across_chunk_boundaries_pick_the_lowest_index(layout, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bitwise_deterministic(dtype):
-    x = in_layout(make_values(2, 7, 9, "relu", 9).to(dtype), "channels_last")
+    x = testing.view_in_layout(testing.random_values(2, 7, 9, seed=9).to(dtype), "channels_last", device=DEVICE)
     config = CHUNKINGS[1]
     a = triton_impl.forward(x, 3, True, by_activity=True, config=config)
     b = triton_impl.forward(x, 3, True, by_activity=True, config=config)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         assert torch.equal(u, v)
-    grads = no_activity(random_grads(x, 3, 9))
+    grads = no_activity(testing.random_grads(x, 3, seed=9))
     assert torch.equal(triton_impl.backward(x, *grads, a.saved(), True, config=config),
                        triton_impl.backward(x, *grads, b.saved(), True, config=config))
 
@@ -125,8 +122,8 @@ def test_seeds_outside_the_positions_are_never_dereferenced(monkeypatch):
     """The custom op rejects them; the kernels still mask every seed-indexed load and store, so
     given straight to the launchers they read and write nothing outside x and dx (both live in
     NaN-padded buffers here: a stray read would make outputs NaN, a stray write would show)."""
-    values = make_values(2, 6, 7, "relu", 2) + 0.1
-    x = in_layout(values, "padded")
+    values = testing.random_values(2, 6, 7, seed=2) + 0.1
+    x = testing.view_in_layout(values, "padded", device=DEVICE)
     seeds = torch.tensor([[-3, 2, 7], [100, -1, 6]], device=DEVICE)
     out = triton_impl.forward(x, 3, True, seeds, config=CHUNKINGS[1])
     assert torch.equal(out.indices, seeds)
@@ -144,7 +141,7 @@ def test_seeds_outside_the_positions_are_never_dereferenced(monkeypatch):
         return big[1:-1, 1:-1, 1:-1]
 
     monkeypatch.setattr(triton_impl, "_empty_like", dx_in_padding)
-    grads = no_activity(random_grads(x, 3, 4))
+    grads = no_activity(testing.random_grads(x, 3, seed=4))
     dx = triton_impl.backward(x, *grads, out.saved(), True, config=CHUNKINGS[1])
     assert torch.isfinite(dx).all()
     frame = padded["buffer"].clone()
@@ -211,10 +208,10 @@ def test_one_call_is_only_its_launches_and_allocations(launches, monkeypatch, gi
     monkeypatch.setattr(triton_impl, "_empty_like", torch.empty_like)
     monkeypatch.setattr(triton_impl, "_workspace", lambda numel, dtype, device: torch.empty(numel, dtype=dtype,
                                                                                              device=device))
-    x = in_layout(make_values(2, 6, 9, "relu", 1) + 0.1, "channels_last")
+    x = testing.view_in_layout(testing.random_values(2, 6, 9, seed=1) + 0.1, "channels_last", device=DEVICE)
     K = 3
     seeds = torch.tensor([[1, 4, 4], [0, 8, 2]], device=DEVICE) if given else None
-    grad_vectors, _, _, grad_norms = no_activity(random_grads(x, K, 2))
+    grad_vectors, _, _, grad_norms = no_activity(testing.random_grads(x, K, seed=2))
     grad_activity = torch.ones(2, K, dtype=x.dtype, device=DEVICE)
     recorder = _Recorder()
     state["recorder"] = recorder
@@ -228,9 +225,9 @@ def test_one_call_is_only_its_launches_and_allocations(launches, monkeypatch, gi
     assert set(forward_ops) <= ALLOCATIONS_AND_VIEWS, forward_ops
     assert set(backward_ops) <= ALLOCATIONS_AND_VIEWS, backward_ops
     ref = torch_impl.forward(x, K, True, seeds, by_activity=True)
-    assert_close(out.vectors, ref.vectors, 1e-12, "vectors")
+    testing.assert_scaled_close(out.vectors, ref.vectors, 1e-12, "vectors")
     dx_ref = torch_impl.backward(x, grad_vectors, None, grad_activity, grad_norms, ref.saved(), True)
-    assert_close(dx, dx_ref, 1e-11, "dx")
+    testing.assert_scaled_close(dx, dx_ref, 1e-11, "dx")
 
 
 # ---- plans ---------------------------------------------------------------------------------
@@ -259,7 +256,7 @@ def test_block_sizes_do_not_depend_on_the_batch():
         for strides in (LAYOUT_STRIDES["nchw"](512, 784), LAYOUT_STRIDES["channels_last"](512, 784)):
             plans = [triton_impl.forward_plan(B, 512, 784, 3, dtype, strides, sm_count=132)
                      + triton_impl.backward_plan(B, 512, 784, 3, dtype, strides, sm_count=132) for B in (1, 7, 256)]
-            for launches in zip(*plans):
+            for launches in zip(*plans, strict=True):
                 keys = {tuple(sorted((k, str(v)) for k, v in launch.constexprs.items())) for launch in launches}
                 assert len(keys) == 1
     # a small batch gets more chunks, a big one fewer (down to the positions' tiles)
@@ -289,15 +286,15 @@ def test_norms_of_huge_and_tiny_features(scale, dtype):
     float64 whenever they are representable. Huge features also keep finite maps, vectors and
     activities. (Tiny ones: rho = ||x|| + eps rounds to eps, and similarities of order
     ||x||^2 / eps^2 leave float32's range; the norms are still exact.)"""
-    values = (make_values(2, 8, 9, "relu", 6) + 0.2) * scale
-    x = in_layout(values.to(dtype), "nchw")
+    values = (testing.random_values(2, 8, 9, seed=6) + 0.2) * scale
+    x = testing.view_in_layout(values.to(dtype), "nchw", device=DEVICE)
     if not torch.isfinite(x).all() or not (x != 0).any():
         pytest.skip("not representable in this dtype")
     out = triton_impl.forward(x, 2, True, config=CHUNKINGS[1])
     exact = torch.linalg.vector_norm(x.double(), dim=1)
-    assert_close(out.saved_norms, exact, 1e-6, "norms")
+    testing.assert_scaled_close(out.saved_norms, exact, 1e-6, "norms")
     if scale > 1:
         ref = torch_impl.forward(x.double(), 2, True, out.indices)
-        assert_close(out.maps, ref.maps, 1e-5 if dtype == torch.float32 else 3e-2, "maps")
-        assert_close(out.activity, ref.activity, 1e-5 if dtype == torch.float32 else 3e-2, "activity")
+        testing.assert_scaled_close(out.maps, ref.maps, 1e-5 if dtype == torch.float32 else 3e-2, "maps")
+        testing.assert_scaled_close(out.activity, ref.activity, 1e-5 if dtype == torch.float32 else 3e-2, "activity")
         assert torch.isfinite(out.vectors).all()

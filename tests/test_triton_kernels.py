@@ -5,9 +5,10 @@ shapes stay tiny. With TRITON_INTERPRET=0 and a GPU (scripts/gpu_check.py) the s
 the compiled kernels on CUDA.
 
 Every launcher allocation (outputs, dX and the workspace) is poisoned with NaN (indices with
--7) by an autouse fixture, and the inputs live inside NaN-padded buffers in the "padded"
-layouts: a result is finite only if every element was written and nothing outside the
-input, nor any unwritten workspace, was read.
+-7) by an autouse fixture (``testing.poisoned_allocations``), and the inputs live inside
+NaN-padded buffers in the "padded" layouts (``testing.view_in_layout``): a result is finite
+only if every element was written and nothing outside the input, nor any unwritten
+workspace, was read.
 
 Greedy selection is an argmax over scores that can nearly tie (a fp32 kernel need not pick
 the fp64 reference's winner then), so values are compared with the reference run on the
@@ -17,7 +18,6 @@ rounding (exact ties: lowest index).
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -28,9 +28,9 @@ from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import brnpa_triton  # noqa: E402
+from brnpa_triton import testing  # noqa: E402
 from brnpa_triton.ops import torch_impl, triton_impl  # noqa: E402
 from brnpa_triton.ops.common import accumulation_dtype  # noqa: E402
-from tests.seed_check import greedy_seed_error  # noqa: E402
 from reference.brnpa import brnpa_reference  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -38,66 +38,18 @@ DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
 if DEVICE == "cpu" and not INTERPRET:
     pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# Relative error allowed per unit of conditioning (sum_n |a_kn|, 1 for non-negative features).
-TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-ULP = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-LAYOUTS = ("nchw", "channels_last", "padded", "padded_channels_last")
 SMALL_FWD = {"BLOCK_C": 8, "BLOCK_N": 4, "tiles_per_chunk": 2}
 # More examples for a one-off soak run: BRNPA_KERNEL_EXAMPLES=200 (CI keeps 20, derandomized).
 EXAMPLES = int(os.environ.get("BRNPA_KERNEL_EXAMPLES", "20"))
 SMALL_BWD = {"BLOCK_C": 8, "BLOCK_N": 4, "tiles_per_chunk": 1}
 
 
-# ---- poisoning -----------------------------------------------------------------------------
+# ---- poisoning and the oracle ----------------------------------------------------------------
 
 @pytest.fixture(autouse=True)
-def poison_allocations(monkeypatch):
-    def empty(shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        return t.fill_(-7) if dtype == torch.int64 else t.fill_(float("nan"))
-
-    monkeypatch.setattr(triton_impl, "_empty", empty)
-    monkeypatch.setattr(triton_impl, "_empty_like", lambda x: torch.empty_like(x).fill_(float("nan")))
-    monkeypatch.setattr(triton_impl, "_workspace", poisoned_workspace)
-
-
-def poisoned_workspace(numel, dtype, device):
-    """NaN for float workspaces, -7 (an impossible position or count) for integer ones."""
-    fill = -7 if not dtype.is_floating_point else float("nan")
-    return torch.full((max(numel, 1),), fill, dtype=dtype, device=device)
-
-
-# ---- inputs --------------------------------------------------------------------------------
-
-def make_values(B, C, N, kind, seed) -> torch.Tensor:
-    """float64 (B, C, N): "relu" (non-negative, exact zeros), "signed", or "zero"."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, C, N, generator=g, dtype=torch.float64)
-    if kind == "relu":
-        x = x.relu()
-    elif kind == "zero":
-        x = torch.zeros_like(x)
-    return x
-
-
-def in_layout(values: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same (B, C, N) values behind different strides, on DEVICE."""
-    B, C, N = values.shape
-    v = values.to(DEVICE)
-    if layout == "nchw":
-        return v.contiguous()
-    if layout == "channels_last":  # also the (B, N, C) tokens layout
-        return v.transpose(1, 2).contiguous().transpose(1, 2)
-    if layout == "padded":  # NaN around, a row pitch that is not N
-        big = torch.full((B + 1, C + 2, N + 3), float("nan"), dtype=v.dtype, device=DEVICE)
-        big[1:, 1 : C + 1, 2 : N + 2] = v
-        return big[1:, 1 : C + 1, 2 : N + 2]
-    if layout == "padded_channels_last":
-        big = torch.full((B + 1, N + 3, C + 2), float("nan"), dtype=v.dtype, device=DEVICE)
-        big[1:, 2 : N + 2, 1 : C + 1] = v.transpose(1, 2)
-        return big[1:, 2 : N + 2, 1 : C + 1].transpose(1, 2)
-    raise ValueError(layout)
+def poison_allocations():
+    with testing.poisoned_allocations(triton_impl):
+        yield
 
 
 def one_hot_noise(indices: torch.Tensor, N: int) -> torch.Tensor:
@@ -120,26 +72,6 @@ def reference(x: torch.Tensor, K: int, refine: bool, seeds: torch.Tensor, grads=
     return vec.detach(), maps.detach(), norms.detach(), dx
 
 
-def check_greedy(x: torch.Tensor, indices: torch.Tensor, rel: float) -> None:
-    error = greedy_seed_error(x, indices, rel)
-    assert error is None, error
-
-
-def assert_close(actual, expected, tol, what):
-    actual = actual.detach().cpu().double()
-    expected = expected.detach().cpu().double()
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values (unwritten or bad reads)"
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= tol * max(scale, 1e-30) + 1e-300, f"{what}: max error {err:.3g}, scale {scale:.3g}, tol {tol:.3g}"
-
-
-def conditioning(maps_ref: torch.Tensor) -> float:
-    """sum_n |a_kn| (>= 1): how much cancellation in S_k amplifies rounding errors."""
-    return float(maps_ref.abs().sum(-1).max())
-
-
 # ---- the problems --------------------------------------------------------------------------
 
 @st.composite
@@ -151,8 +83,8 @@ def problems(draw):
         C=draw(st.one_of(st.integers(1, 24), st.sampled_from([1, 16, 17, 33]))),
         N=N,
         K=K,
-        layout=draw(st.sampled_from(LAYOUTS)),
-        dtype=draw(st.sampled_from(DTYPES)),
+        layout=draw(st.sampled_from(testing.VIEW_LAYOUTS)),
+        dtype=draw(st.sampled_from(testing.DTYPES)),
         refine=draw(st.booleans()),
         given_seeds=draw(st.booleans()),
         kind=draw(st.sampled_from(["relu", "relu", "signed"])),
@@ -165,7 +97,7 @@ def problems(draw):
 def setup_problem(p):
     """The input x and the seeds to force (or None); signed data is made well-conditioned."""
     B, C, N, K = p["B"], p["C"], p["N"], p["K"]
-    values = make_values(B, C, N, p["kind"], p["seed"])
+    values = testing.random_values(B, C, N, seed=p["seed"], kind=p["kind"])
     if p.get("duplicates") and N >= 3:
         # bitwise-identical columns in different tiles and chunks: exact ties, lowest index wins
         values[:, :, N - 1] = values[:, :, 0]
@@ -178,10 +110,10 @@ def setup_problem(p):
         # Shift until no part cancels badly (cond <= 30): keeps tolerances meaningful.
         for _ in range(40):
             maps = torch_impl.forward(values.to(p["dtype"]).double(), K, True, seeds).maps
-            if float(maps.abs().sum(-1).max()) <= 30:
+            if testing.conditioning(maps) <= 30:
                 break
             values = values + 0.25
-    x = in_layout(values.to(p["dtype"]), p["layout"])
+    x = testing.view_in_layout(values.to(p["dtype"]), p["layout"], device=DEVICE)
     return x, (None if seeds is None else seeds.to(DEVICE))
 
 
@@ -201,18 +133,18 @@ def forward_and_check(p):
     if seeds is not None:
         assert torch.equal(out.indices, seeds)
     else:
-        check_greedy(x, out.indices, rel=1e-12 if dtype == torch.float64 else 1e-4)
+        testing.assert_greedy_seeds(x, out.indices, rel=1e-12 if dtype == torch.float64 else 1e-4)
 
     vec, maps, norms, _ = reference(x, K, p["refine"], out.indices)
-    cond = conditioning(maps)
-    tol = TOL[dtype] * cond
-    assert_close(out.saved_norms, norms, TOL[accumulation_dtype(dtype)], "norms")
-    assert_close(out.maps, maps, tol, "maps")
-    assert_close(out.vectors, vec, tol, "vectors")
+    cond = testing.conditioning(maps)
+    tol = testing.SCALED_TOLERANCE[dtype] * cond
+    testing.assert_scaled_close(out.saved_norms, norms, testing.SCALED_TOLERANCE[accumulation_dtype(dtype)], "norms")
+    testing.assert_scaled_close(out.maps, maps, tol, "maps")
+    testing.assert_scaled_close(out.vectors, vec, tol, "vectors")
     # inv_sums: 1/S_k, 0 exactly for degenerate parts, as torch_impl computes it in float64.
     ref64 = torch_impl.forward(x.double(), K, p["refine"], out.indices)
     assert torch.equal(out.inv_sums == 0, ref64.inv_sums == 0)
-    assert_close(out.inv_sums, ref64.inv_sums, tol, "inv_sums")
+    testing.assert_scaled_close(out.inv_sums, ref64.inv_sums, tol, "inv_sums")
     return x, out
 
 
@@ -234,13 +166,6 @@ def no_activity(grads):
     return grad_vectors, grad_maps, None, grad_norms
 
 
-def random_grads(x, K, seed):
-    B, C, N = x.shape
-    g = torch.Generator().manual_seed(seed + 7)
-    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device=DEVICE, dtype=x.dtype)  # noqa: E731
-    return mk(B, K, C), mk(B, K, N), mk(B, N)
-
-
 @settings(max_examples=EXAMPLES)
 @given(problems())
 @example(dict(B=1, C=1, N=1, K=1, layout="channels_last", dtype=torch.float64, refine=False, given_seeds=False,
@@ -252,7 +177,7 @@ def random_grads(x, K, seed):
 def test_backward_matches_reference(p):
     x, out = forward_and_check(p)
     K, dtype = p["K"], p["dtype"]
-    grads = random_grads(x, K, p["seed"])
+    grads = testing.random_grads(x, K, seed=p["seed"])
     cfg = SMALL_BWD if p["small_blocks"] else None
     dx = triton_impl.backward(x, *no_activity(grads), out.saved(), p["refine"], config=cfg)
     assert dx.shape == x.shape and dx.dtype == dtype
@@ -267,12 +192,12 @@ def test_backward_matches_reference(p):
     assert torch.isinf(dx[overflow]).all() and torch.isinf(dx_torch[overflow]).all()
     keep = ~overflow
     assert torch.isfinite(dx[keep]).all() and torch.isfinite(dx_torch[keep]).all()
-    cond = conditioning(maps)
-    assert_close(dx[keep], dx_ref[keep], TOL[dtype] * cond**2, "dx vs reference")
+    cond = testing.conditioning(maps)
+    testing.assert_scaled_close(dx[keep], dx_ref[keep], testing.SCALED_TOLERANCE[dtype] * cond**2, "dx vs reference")
     # Against the vectorised PyTorch backward on the very same saved tensors: the same fp32
     # math up to summation order, then one rounding to the output dtype.
-    tight = 4 * ULP[dtype] + (1e-12 if dtype == torch.float64 else 1e-5) * cond**2
-    assert_close(dx[keep], dx_torch[keep], tight, "dx vs torch_impl")
+    tight = 4 * testing.UNIT_ROUNDOFF[dtype] + (1e-12 if dtype == torch.float64 else 1e-5) * cond**2
+    testing.assert_scaled_close(dx[keep], dx_torch[keep], tight, "dx vs torch_impl")
 
 
 # ---- special cases -------------------------------------------------------------------------
@@ -285,26 +210,26 @@ def test_all_zero_input(refine):
     assert torch.all(out.inv_sums == 0)
     assert torch.all(out.maps == 1 / 6)
     assert torch.all(out.vectors == 0) and torch.all(out.norms == 0)
-    grads = random_grads(x, 3, 0)
+    grads = testing.random_grads(x, 3, seed=0)
     dx = triton_impl.backward(x, *no_activity(grads), out.saved(), refine)
     assert torch.isfinite(dx).all()
     _, _, _, dx_ref = reference(x, 3, refine, out.indices, grads)
-    assert_close(dx, dx_ref, 1e-6, "dx")
+    testing.assert_scaled_close(dx, dx_ref, 1e-6, "dx")
 
 
 @pytest.mark.parametrize("refine", [True, False])
 @pytest.mark.parametrize("seeds", [[[3, 3, 3], [0, 2, 0]], [[1, 4, 1], [5, 5, 2]]])
 def test_repeated_seeds_accumulate(refine, seeds):
-    values = make_values(2, 7, 6, "relu", 11) + 0.1
-    x = in_layout(values, "padded")
+    values = testing.random_values(2, 7, 6, seed=11) + 0.1
+    x = testing.view_in_layout(values, "padded", device=DEVICE)
     seeds = torch.tensor(seeds, device=DEVICE)
     out = triton_impl.forward(x, 3, refine, seeds, config=SMALL_FWD)
-    grads = random_grads(x, 3, 5)
+    grads = testing.random_grads(x, 3, seed=5)
     vec, maps, _, dx_ref = reference(x, 3, refine, seeds, grads)
-    assert_close(out.vectors, vec, 1e-12, "vectors")
+    testing.assert_scaled_close(out.vectors, vec, 1e-12, "vectors")
     for cfg in (None, SMALL_BWD):
         dx = triton_impl.backward(x, *no_activity(grads), out.saved(), refine, config=cfg)
-        assert_close(dx, dx_ref, 1e-12, f"dx {cfg}")
+        testing.assert_scaled_close(dx, dx_ref, 1e-12, f"dx {cfg}")
 
 
 def test_greedy_repeats_a_lone_position():
@@ -314,10 +239,10 @@ def test_greedy_repeats_a_lone_position():
     x[0, :, 2] = torch.tensor([1.0, 2.0, 2.0])
     out = triton_impl.forward(x, 3, True)
     assert out.indices.tolist() == torch_impl.forward(x, 3, True).indices.tolist() == [[2, 2, 0]]
-    grads = random_grads(x, 3, 1)
+    grads = testing.random_grads(x, 3, seed=1)
     dx = triton_impl.backward(x, *no_activity(grads), out.saved(), True)
     _, _, _, dx_ref = reference(x, 3, True, out.indices, grads)
-    assert_close(dx, dx_ref, 1e-9, "dx")
+    testing.assert_scaled_close(dx, dx_ref, 1e-9, "dx")
 
 
 def test_signed_cancellation_degenerate_part():
@@ -327,10 +252,10 @@ def test_signed_cancellation_degenerate_part():
     ref = torch_impl.forward(x, 2, True)
     assert torch.equal(out.indices, ref.indices)
     assert torch.equal(out.inv_sums == 0, ref.inv_sums == 0) and bool((out.inv_sums == 0).any())
-    assert_close(out.maps, ref.maps, 1e-12, "maps")
-    grads = random_grads(x, 2, 2)
+    testing.assert_scaled_close(out.maps, ref.maps, 1e-12, "maps")
+    grads = testing.random_grads(x, 2, seed=2)
     dx = triton_impl.backward(x, *no_activity(grads), out.saved(), True)
-    assert_close(dx, torch_impl.backward(x, *no_activity(grads), ref.saved(), True), 1e-12, "dx")
+    testing.assert_scaled_close(dx, torch_impl.backward(x, *no_activity(grads), ref.saved(), True), 1e-12, "dx")
 
 
 def test_unsupported_dtype_raises():
@@ -360,7 +285,7 @@ def test_api_channels_last_gradient_layout():
     ref = feats.detach().clone().requires_grad_()
     o2 = brnpa_triton.brnpa(ref, 3, backend="torch")
     (o2.vectors.sum() + (o2.maps * torch.arange(12.0, device=DEVICE).reshape(3, 4)).sum()).backward()
-    assert_close(feats.grad, ref.grad, 1e-10, "grad")
+    testing.assert_scaled_close(feats.grad, ref.grad, 1e-10, "grad")
 
 
 def test_func_grad_and_vmap():
@@ -372,15 +297,15 @@ def test_func_grad_and_vmap():
 
     g_tr = torch.func.grad(loss)(feats[0], "triton")
     g_pt = torch.func.grad(loss)(feats[0], "torch")
-    assert_close(g_tr, g_pt, 1e-10, "func.grad")
+    testing.assert_scaled_close(g_tr, g_pt, 1e-10, "func.grad")
 
     vm = torch.func.vmap(lambda f: brnpa_triton.brnpa(f, 2, backend="triton").vectors)(feats)
     loop = torch.stack([brnpa_triton.brnpa(f, 2, backend="torch").vectors for f in feats])
-    assert_close(vm, loop, 1e-10, "vmap")
+    testing.assert_scaled_close(vm, loop, 1e-10, "vmap")
 
     vg = torch.func.vmap(torch.func.grad(lambda f: loss(f, "triton")))(feats)
     lg = torch.stack([torch.func.grad(loss)(f, "torch") for f in feats])
-    assert_close(vg, lg, 1e-10, "vmap(grad)")
+    testing.assert_scaled_close(vg, lg, 1e-10, "vmap(grad)")
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors only")
@@ -398,16 +323,16 @@ def test_degenerate_part_vector_is_the_mean_across_blocks(layout):
     x = torch.zeros(1, C, N, dtype=torch.float64)
     x[0, 0, 0], x[0, 0, 1] = 2.0, -2.0  # the seed and its opposite: sims +1 and -1
     x[0, 1, 2:] = torch.linspace(0.1, 1.9, N - 2, dtype=torch.float64)  # orthogonal: sim 0
-    x = in_layout(x.to(DEVICE), layout)
+    x = testing.view_in_layout(x, layout, device=DEVICE)
     out = triton_impl.forward(x, 3, True, config=SMALL_FWD)
     ref = torch_impl.forward(x, 3, True)
     assert torch.equal(out.indices, ref.indices)
     assert torch.equal(out.inv_sums[0, :2], torch.zeros(2, dtype=torch.float64, device=DEVICE))
     mean = x.double().mean(2)[0]
     assert mean.abs().sum() > 0
-    assert_close(out.vectors[0, :2], mean.expand(2, C), 1e-12, "degenerate vectors")
-    assert_close(out.vectors, ref.vectors, 1e-12, "vectors")
-    assert_close(out.maps, ref.maps, 1e-12, "maps")
+    testing.assert_scaled_close(out.vectors[0, :2], mean.expand(2, C), 1e-12, "degenerate vectors")
+    testing.assert_scaled_close(out.vectors, ref.vectors, 1e-12, "vectors")
+    testing.assert_scaled_close(out.maps, ref.maps, 1e-12, "maps")
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the CPU run covers the op registration; on CUDA the same code runs")
@@ -416,12 +341,12 @@ def test_opcheck_and_compile_through_the_triton_backend():
     schema), and a compiled training step runs the kernels without a graph break."""
     from brnpa_triton.ops.registry import brnpa_backward, brnpa_forward
 
-    x = make_values(2, 5, 7, "relu", 21).double()
+    x = testing.random_values(2, 5, 7, seed=21)
     no_seeds = torch.empty(0, dtype=torch.int64)
     for refine in (True, False):
         torch.library.opcheck(brnpa_forward, (x.clone().requires_grad_(), 3, refine, no_seeds, False, "triton"))
         vectors, maps, indices, _, _, saved_norms, inv_sums = brnpa_forward(x, 3, refine, no_seeds, False, "triton")
-        grads = no_activity(random_grads(x, 3, 22))
+        grads = no_activity(testing.random_grads(x, 3, seed=22))
         saved = (vectors, maps, indices, saved_norms, inv_sums)
         torch.library.opcheck(brnpa_backward, (x, *grads, *saved, refine, "triton"))
 

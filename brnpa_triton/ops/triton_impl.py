@@ -133,7 +133,7 @@ def _part_group(K: int) -> int:
     return min(4, 1 << max(0, (K - 1).bit_length()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -146,21 +146,26 @@ def _sm_count(device: torch.device | None = None) -> int:
     return SM_COUNT_WITHOUT_CUDA
 
 
+def ceil_div(a: int, b: int) -> int:
+    """The integer ceiling of a / b (b > 0)."""
+    return -(-a // b)
+
+
 def chunking(B: int, N: int, block_n: int, sm_count: int, tiles_per_chunk: int | None = None) -> tuple[int, int]:
     """(S, tiles per chunk): enough chunks that B * S reaches PROGRAMS_PER_SM programs per SM
     when the image's tiles of positions allow it (so at least 2 per SM whenever B times the
     number of tiles does), and no more: larger batches get longer chunks, not more programs."""
-    tiles = -(-N // block_n)
+    tiles = ceil_div(N, block_n)
     if tiles_per_chunk is None:
-        wanted = max(1, -(-PROGRAMS_PER_SM * sm_count // B))
-        tiles_per_chunk = max(1, -(-tiles // wanted))
-    S = -(-tiles // min(tiles_per_chunk, tiles))
+        wanted = max(1, ceil_div(PROGRAMS_PER_SM * sm_count, B))
+        tiles_per_chunk = max(1, ceil_div(tiles, wanted))
+    S = ceil_div(tiles, min(tiles_per_chunk, tiles))
     return S, _tiles(N, block_n, S)
 
 
 def _slice_of_channels(C: int, S: int, block_c: int) -> int:
     """Channels per program in the final launches: C split over the S programs of an image."""
-    return -(-(-(-C // S)) // block_c) * block_c
+    return ceil_div(ceil_div(C, S), block_c) * block_c
 
 
 # ---- workspaces (one source for every size) --------------------------------------------------
@@ -191,7 +196,7 @@ def backward_workspace(B: int, C: int, N: int, K: int, S: int) -> dict[str, tupl
 
 
 def _padded(numel: int) -> int:
-    return -(-numel // 16) * 16  # every buffer starts 64-byte aligned
+    return ceil_div(numel, 16) * 16  # every buffer starts 64-byte aligned
 
 
 def _workspace_numel(layout: dict) -> tuple[int, int]:
@@ -284,7 +289,9 @@ def forward_plan(B, C, N, K, dtype, x_strides, *, refine=True, given_seeds=False
     ACC = _triton_dtype(dtype)
     common = dict(LAYOUT=layout, ALIGN=align, REFINE=bool(refine), GIVEN_SEEDS=bool(given_seeds))
     x_bytes = B * C * N * esize
-    ints = dict(zip(("stride_xb", "stride_xc", "stride_xn"), _unit_strides(tuple(x_strides), layout, align)))
+    # _unit_strides keeps the three (B, C, N) strides: the lengths match by construction.
+    ints = dict(zip(("stride_xb", "stride_xc", "stride_xn"), _unit_strides(tuple(x_strides), layout, align),
+                    strict=True))
     sums_bytes = B * S * C * acc_size if refine else 0
 
     norms_cx = dict(common, BLOCK_C=block_c, BLOCK_N=block_n, **_size_hints(C, N), ACC=ACC)
@@ -306,8 +313,9 @@ def forward_plan(B, C, N, K, dtype, x_strides, *, refine=True, given_seeds=False
                     BLOCK_S=BLOCK_S, BLOCK_K=BLOCK_K, **_size_hints(C, N), ACC=ACC)
     sig, attrs = _signature(forward_kernels.forward_final_kernel, final_cx, dict(
         x_ptr=x_name, seeds_ptr="i64", cand_score_ptr=acc_name, cand_index_ptr="i32", part_sums_ptr=acc_name,
-        part_abs_ptr=acc_name, sims_ptr=acc_name, sums_ptr=acc_name, vectors_ws_ptr=acc_name, activity_ws=acc_name, ticket_ptr="i32", vectors_ptr=x_name, maps_ptr=x_name, indices_ptr="i64",
-        activity_ptr=x_name, inv_sums_ptr=acc_name), _big(ints))
+        part_abs_ptr=acc_name, sims_ptr=acc_name, sums_ptr=acc_name, vectors_ws_ptr=acc_name, activity_ws=acc_name,
+        ticket_ptr="i32", vectors_ptr=x_name, maps_ptr=x_name, indices_ptr="i64", activity_ptr=x_name,
+        inv_sums_ptr=acc_name), _big(ints))
     outputs = B * K * ((C + N) * esize + 8 + esize + acc_size)
     final = Launch("forward.final", forward_kernels.forward_final_kernel, (B, S), sig, final_cx, attrs, dict(WARPS), 1,
                    K * sums_bytes + B * K * (N + 2 * C) * acc_size, outputs + B * K * C * acc_size)
@@ -331,8 +339,9 @@ def backward_plan(B, C, N, K, dtype, x_strides, *, refine=True, sm_count=None, d
     acc_size = acc.itemsize
     acc_name, x_name = _TYPE_NAMES[acc], _TYPE_NAMES[dtype]
     has_vectors, has_maps, has_activity, has_norms = (bool(g) for g in grads)
-    ints = dict(zip(("stride_xb", "stride_xc", "stride_xn"), _unit_strides(x_strides, layout, align)))
-    ints.update(zip(("stride_db", "stride_dc", "stride_dn"), _unit_strides(dx_strides, dx_layout, dx_align)))
+    ints = dict(zip(("stride_xb", "stride_xc", "stride_xn"), _unit_strides(x_strides, layout, align), strict=True))
+    ints.update(zip(("stride_db", "stride_dc", "stride_dn"), _unit_strides(dx_strides, dx_layout, dx_align),
+                    strict=True))
     x_bytes = B * C * N * esize
     flags = dict(LAYOUT=layout, ALIGN=align, DX_LAYOUT=dx_layout, DX_ALIGN=dx_align, REFINE=bool(refine),
                  HAS_GRAD_VECTORS=has_vectors, HAS_GRAD_ACTIVITY=has_activity)
@@ -430,7 +439,8 @@ def forward(
     seeds = seed_indices if given else indices  # not read without given seeds
     seed_strides = dict(seeds_stride_b=seeds.stride(0), seeds_stride_k=seeds.stride(1))
     layout, align = norms_launch.constexprs["LAYOUT"], norms_launch.constexprs["ALIGN"]
-    strides = dict(zip(("stride_xb", "stride_xc", "stride_xn"), _unit_strides(x.stride(), layout, align)))
+    strides = dict(zip(("stride_xb", "stride_xc", "stride_xn"), _unit_strides(x.stride(), layout, align),
+                       strict=True))
     sizes = _sizes(norms_launch, C, N, K, S)
     with _device_guard(dev):
         _run(norms_launch, dict(x_ptr=x, norms_ptr=norms, saved_norms_ptr=saved_norms, scores_ptr=ws["scores"],
@@ -454,7 +464,7 @@ def forward(
 
 def _tiles(N: int, block_n: int, S: int) -> int:
     """Tiles per chunk of a plan with S chunks."""
-    return -(-(-(-N // block_n)) // S)
+    return ceil_div(ceil_div(N, block_n), S)
 
 
 def backward(
@@ -489,9 +499,10 @@ def backward(
     g_vec, g_map, g_act, g_norm = (x if g is None else g.contiguous() for g in grads)  # x: a placeholder, not read
     vectors, maps, indices, saved_norms, inv_sums = (t.contiguous() for t in saved)
     cx = dx_launch.constexprs
-    strides = dict(zip(("stride_xb", "stride_xc", "stride_xn"), _unit_strides(x.stride(), cx["LAYOUT"], cx["ALIGN"])))
+    strides = dict(zip(("stride_xb", "stride_xc", "stride_xn"), _unit_strides(x.stride(), cx["LAYOUT"], cx["ALIGN"]),
+                       strict=True))
     strides.update(zip(("stride_db", "stride_dc", "stride_dn"),
-                       _unit_strides(dx.stride(), cx["DX_LAYOUT"], cx["DX_ALIGN"])))
+                       _unit_strides(dx.stride(), cx["DX_LAYOUT"], cx["DX_ALIGN"]), strict=True))
     sizes = _sizes(dx_launch, C, N, K, S)
     with _device_guard(dev):
         _run(dx_launch, dict(x_ptr=x, dx_ptr=dx, gvec_ptr=g_vec, gmap_ptr=g_map, gact_ptr=g_act, gnorm_ptr=g_norm,
