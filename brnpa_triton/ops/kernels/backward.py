@@ -28,13 +28,13 @@ import triton
 import triton.language as tl
 
 from brnpa_triton.ops.kernels.common import (
-    INTEGER_ARGS,
-    from_units,
     EPS_C,
+    INTEGER_ARGS,
     acc_const,
     acc_sqrt,
     bound_if,
     column_offsets,
+    from_units,
     image_base,
     load_column,
     load_tile,
@@ -335,9 +335,9 @@ def backward_dx_kernel(
         scaled_norms = norms * down
         radial = tl.where(norms > 0, radial / tl.where(norms > 0, scaled_norms, one), 0.0)
         tl.debug_barrier()  # U_kn, stored above, is reloaded by other threads
-        _tile_dx(x_b, dx_b, offs_n, radial, down, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws, u_coef_b,
-                 u_sums_b, t > 0, C, N, K, S, stride_xc, stride_xn, stride_dc, stride_dn, LAYOUT, ALIGN, DX_LAYOUT,
-                 DX_ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, BLOCK_N, ACC)
+        _tile_dx(x_b, dx_b, offs_n, radial, down, gvec_b, vec_b, gact_b, maps_b, indices_b, norms_b, totals_ws,
+                 u_coef_b, u_sums_b, t > 0, C, N, K, S, stride_xc, stride_xn, stride_dc, stride_dn, LAYOUT, ALIGN,
+                 DX_LAYOUT, DX_ALIGN, WITH_GRAD, HAS_GRAD_VECTORS, HAS_GRAD_ACTIVITY, KG, BLOCK_C, BLOCK_N, ACC)
         tl.debug_barrier()  # this tile's partial u_k, w_k are stored before the next tile reloads them
 
 

@@ -25,22 +25,21 @@ import triton
 import triton.language as tl
 
 from brnpa_triton.ops.kernels.common import (
-    INTEGER_ARGS,
-    from_units,
     EPS_C,
-    STRIDED,
+    INTEGER_ARGS,
     acc_const,
     acc_sqrt,
     argmax_update,
     bound_if,
     cast_saturating,
+    from_units,
     image_base,
     load_column,
     load_tile,
     part_inverse,
     power_of_two_scales,
-    sums_scale,
     seed_of_part,
+    sums_scale,
 )
 
 # Sums of squares below this (2^-100 in fp32, 2^-1000 in fp64) may have lost digits to
@@ -253,8 +252,8 @@ def forward_part_kernel(
         best, best_index = argmax_update(scores, offs_n, score_mask, best, best_index, N)
         if REFINE:
             if part == K - 1:
-                _tile_weighted_sum(x_b, offs_n, sims * sum_scale, last_sums, t > 0, C, N, stride_xc, stride_xn, LAYOUT, ALIGN,
-                                   BLOCK_C, ACC)
+                _tile_weighted_sum(x_b, offs_n, sims * sum_scale, last_sums, t > 0, C, N, stride_xc, stride_xn,
+                                   LAYOUT, ALIGN, BLOCK_C, ACC)
         tl.debug_barrier()  # this tile's partial sums are stored before the next tile reloads them
     slot = (b.to(tl.int64) * K + part) * S + s
     tl.store(part_sums_ptr + slot, total)
