@@ -337,9 +337,16 @@ class SourceIndex:
                 self._files[path] = None
         return self._files[path]
 
-    def attach(self, loop: Loop) -> None:
+    def attach(self, loop: Loop, instrs: list[Instr] = ()) -> None:
         """Map a SASS loop to its ``for``: the branch closing a loop carries the for's line; failing
-        that, the innermost ``for`` around the branch's location."""
+        that, the innermost ``for`` around the branch's location. An innermost SASS loop whose
+        body lies in a marked ``for`` of an inlined helper is that ``for``, even when its branch
+        carries the caller's line (as the backward branch of an inlined loop can)."""
+        if not loop.children:
+            marked = self._marked_loop_around(i.where for i in instrs if loop.start <= i.addr <= loop.end)
+            if marked is not None:
+                loop.source, loop.streams_x = marked, True
+                return
         for f, n in loop.branch_where:
             info = self._file(f)
             if info and any(lo == n for lo, _ in info["loops"]):
@@ -352,6 +359,43 @@ class SourceIndex:
                 lo = max(around)[0]
                 loop.source, loop.streams_x = (f, lo), lo in info["streaming"]
                 return
+
+    def _marked_loop_around(self, wheres) -> tuple[str, int] | None:
+        """The marked ``for`` that the loop's instructions come from: either their location lies
+        inside it, or (when the line info keeps only the call site of an inlined helper) the
+        helper called on that line holds it, directly or through the helpers it calls."""
+        votes: Counter = Counter()
+        for where in wheres:
+            for f, n in where:
+                found = self._marked_for_at(f, n)
+                if found is not None:
+                    votes[found] += 1
+                    break
+        return votes.most_common(1)[0][0] if votes else None
+
+    def _marked_for_at(self, f: str, n: int) -> tuple[str, int] | None:
+        info = self._file(f)
+        if not info:
+            return None
+        around = [lo for lo, hi in info["loops"] if lo <= n <= hi]
+        if around and max(around) in info["streaming"]:
+            return (f, max(around))
+        functions = {d.name: d for d in ast.walk(info["tree"]) if isinstance(d, ast.FunctionDef)}
+        called = [c.func.id for c in ast.walk(info["tree"])
+                  if isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.lineno == n]
+        seen: set[str] = set()
+        while called:
+            name = called.pop(0)
+            if name in seen or name not in functions:
+                continue
+            seen.add(name)
+            body = functions[name]
+            marked = sorted(x.lineno for x in ast.walk(body)
+                            if isinstance(x, ast.For) and x.lineno in info["streaming"])
+            if marked:
+                return (f, marked[0])
+            called += [c.func.id for c in ast.walk(body) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)]
+        return None
 
     def is_x_load(self, where: tuple[tuple[str, int], ...]) -> bool:
         """Whether the statement of a load's innermost location uses a name that holds X."""
@@ -375,7 +419,7 @@ def analyse_sass(text: str, index: SourceIndex) -> dict:
     instrs, labels = parse_sass(text)
     loops = find_loops(instrs, labels)
     for lp in loops:
-        index.attach(lp)
+        index.attach(lp, instrs)
     return {"instructions": len(instrs), "loops": [loop_stats(lp, instrs, index.is_x_load) for lp in loops]}
 
 

@@ -49,11 +49,12 @@ _FORWARD_TILES = {
     (C_CONTIGUOUS, 4): (128, 8), (C_CONTIGUOUS, 2): (256, 4), (C_CONTIGUOUS, 8): (64, 8),
     (STRIDED, 4): (32, 16), (STRIDED, 2): (32, 16), (STRIDED, 8): (32, 8),
 }
-# The backward keeps two accumulators per part (KG <= 4 parts at once): tiles of 8 elements a thread.
+# The backward keeps two accumulators per part (KG <= 4 parts at once): tiles of 8 elements a thread,
+# fewer for strided views and float64 channels_last, whose addresses or doubles leave no room for 8.
 _BACKWARD_TILES = {
     (N_CONTIGUOUS, 4): (16, 16), (N_CONTIGUOUS, 2): (16, 16), (N_CONTIGUOUS, 8): (16, 8),
-    (C_CONTIGUOUS, 4): (128, 2), (C_CONTIGUOUS, 2): (256, 1), (C_CONTIGUOUS, 8): (64, 2),
-    (STRIDED, 4): (16, 16), (STRIDED, 2): (16, 16), (STRIDED, 8): (8, 8),
+    (C_CONTIGUOUS, 4): (128, 2), (C_CONTIGUOUS, 2): (256, 1), (C_CONTIGUOUS, 8): (32, 2),
+    (STRIDED, 4): (16, 8), (STRIDED, 2): (16, 8), (STRIDED, 8): (8, 8),
 }
 _TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
                torch.int64: "i64", torch.int32: "i32"}
