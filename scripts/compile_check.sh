@@ -7,10 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 version="${1:?usage: scripts/compile_check.sh TRITON_VERSION (e.g. 3.6.0)}"
 venv=".venv-triton-$version"
-if [ ! -x "$venv/bin/python" ]; then
-  echo "== creating $venv (torch 2.13.0 CPU build, triton $version, pytest, hypothesis, numpy)"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q "torch==2.13.0" "triton==$version" pytest hypothesis numpy
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+if ! "$venv/bin/python" -c "import torch, triton, einops, numpy, pytest, hypothesis" 2>/dev/null; then
+  echo "== installing into $venv: torch 2.13.0 (CPU build), triton $version, pytest, hypothesis, numpy, einops"
+  "$venv/bin/pip" install -q "torch==2.13.0" "triton==$version" pytest hypothesis numpy einops
 fi
 echo "== static compile checks with triton $("$venv/bin/python" -c 'import triton; print(triton.__version__)')"
 PYTHONPATH=. TRITON_INTERPRET=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_bench_kernels.py
