@@ -47,8 +47,8 @@ class DemoConfig:
     test_fraction: float = 0.25
     max_train: int | None = None  # cap on training digits (tests use a handful)
     max_test: int | None = None
-    eval_images: int = 100  # test images whose explanations are scored (every method, same images)
-    di_step: int = 2  # feature-map cells changed per deletion / insertion step
+    eval_images: int = 64  # test images whose explanations are scored (every method, same images)
+    di_step: int = 4  # feature-map cells changed per deletion / insertion step
     di_batch: int = 512
     rise_masks: int = 256
     insertion_kernel: int | None = None  # None: the paper's 121 px on 448 px, scaled to the canvas
