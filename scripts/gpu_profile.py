@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.timing import time_cuda_graph  # noqa: E402
 from brnpa_triton import testing  # noqa: E402
 from brnpa_triton.ops import triton_impl  # noqa: E402
 
@@ -55,31 +56,6 @@ def host_us(fn, reps=50):
     torch.cuda.synchronize()
     times.sort()
     return times[len(times) // 2]
-
-
-def graph_us(fn, reps=20):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    times.sort()
-    return times[len(times) // 2], times[0], times[-1]
 
 
 def kernel_us(fn, reps=10):
@@ -133,7 +109,7 @@ def main():
                     for name, fn in (("fwd", fwd), ("bwd", bwd)):
                         row[f"{name}_eager_us"] = events_us(fn)
                         row[f"{name}_host_us"] = host_us(fn)
-                        row[f"{name}_graph_us"] = graph_us(fn)
+                        row[f"{name}_graph_us"] = time_cuda_graph(fn, calls=20)
                         row[f"{name}_kernels_us"] = kernel_us(fn)
                 except Exception as e:  # noqa: BLE001 -- reported, the profile goes on
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -142,7 +118,7 @@ def main():
                     try:
                         with torch.no_grad():
                             row["compiled_fwd_eager_us"] = events_us(lambda x4=x4, K=K: compiled(x4, K))
-                            row["compiled_fwd_graph_us"] = graph_us(lambda x4=x4, K=K: compiled(x4, K))
+                            row["compiled_fwd_graph_us"] = time_cuda_graph(lambda x4=x4, K=K: compiled(x4, K), calls=20)
                     except Exception as e:  # noqa: BLE001 -- reported, the profile goes on
                         row["compiled_error"] = f"{type(e).__name__}: {e}"[:300]
                 rows.append(row)

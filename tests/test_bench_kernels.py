@@ -223,7 +223,7 @@ def test_no_register_spills_on_any_target(compiled):
 # Known gaps of the split-position kernels, reported rather than hidden (xfail, not skipped):
 # the line info of an inlined helper keeps only its caller's line, so loads of X are not yet
 # attributed to their statements (the widths were read from the SASS by hand instead), and
-# the C loops that also reduce a weighted sum over positions keep 1-4 BAR.SYNC in some layouts.
+# the C loops that also reduce a weighted sum over positions keep BAR.SYNC in some plans.
 X_LOADS_NOT_ATTRIBUTED = pytest.mark.xfail(
     strict=False,
     reason="loads of X inside inlined helpers are not attributed to X (the line info keeps the caller's line)",
@@ -258,8 +258,9 @@ def test_report_says_it_is_a_static_proxy(compiled):
         assert h["bandwidth_bound_us"] >= h["one_read_us"] > 0
 
 
-@pytest.mark.xfail(strict=False, reason="the C loops that also reduce a weighted sum over positions (forward norms "
-                   "and part folds, the last part's second look, backward dx's u_k) keep 1-4 BAR.SYNC in some layouts")
+@pytest.mark.xfail(strict=False, reason="the C loops that also reduce a weighted sum over positions keep 1-8 "
+                   "BAR.SYNC in the four-warp plans (and some one-warp ones); on an H200 the four-warp forwards "
+                   "still ran 1.1-2.6x faster than barrier-free one-warp ones (bench/results/gpu-nvidia-h200.md)")
 def test_no_barrier_inside_loops_that_stream_x(compiled):
     results = compiled[1]
     bad = [f"sm_90 {bk.request_label(r['job']['request'])} launch {r['job']['launch']}: loop {lp['source']} "
@@ -298,11 +299,15 @@ def test_x_loads_are_as_wide_as_row_alignment_allows(compiled):
     assert not bad, "\n".join(bad)
 
 
-def test_at_least_two_programs_per_sm_on_h100(compiled):
+def test_every_sm_gets_a_program_and_two_warps_on_h100(compiled):
     sms = bk.CARDS["H100"].sm_count
-    bad = [
-        f"{bk.request_label(r)} {row['name']}: grid {row['grid']} = {math.prod(row['grid']) / sms:.2f} programs per SM"
-        for r, row, res in _bench_launches(*compiled)
-        if any(lp["streams_x"] for lp in res.get("loops", [])) and math.prod(row["grid"]) < 2 * sms
-    ]
+    bad = []
+    for r, row, res in _bench_launches(*compiled):
+        if not any(lp["streams_x"] for lp in res.get("loops", [])):
+            continue
+        programs = math.prod(row["grid"])
+        warps = programs * res["threads_per_block"] // 32
+        if programs < sms or warps < 2 * sms:
+            bad.append(f"{bk.request_label(r)} {row['name']}: grid {row['grid']}, {programs / sms:.2f} programs and "
+                       f"{warps / sms:.2f} warps per SM")
     assert not bad, "\n".join(bad)

@@ -29,32 +29,50 @@ from brnpa_triton.ops.kernels import backward as backward_kernels
 from brnpa_triton.ops.kernels import forward as forward_kernels
 
 SM_COUNT_WITHOUT_CUDA = 132  # an H100's: without a GPU (the interpreter) the same plans are built
-PROGRAMS_PER_SM = 16  # one-warp programs: about 16 resident per SM keep enough loads in flight
 N_CONTIGUOUS, C_CONTIGUOUS, STRIDED = 0, 1, 2
 BLOCK_S = 32  # candidates / partial sums reduced per step
 BLOCK_K = 16  # parts compared per step when ranking
 FINAL_BLOCK_C = 128
 FINAL_BLOCK_N = 128
-# One warp a program: every reduction stays within a warp. The register cap is the most a
-# one-warp program may use; without it ptxas may spill below it to raise occupancy.
-WARPS = {"num_warps": 1, "maxnreg": 255}
+# The register cap is the most a program may use; without it ptxas may spill below it to
+# raise occupancy.
+MAX_REGISTERS = 255
 
-# (BLOCK_C, BLOCK_N) of the tiles that stream X, with 128-bit loads along the contiguous
-# dimension whenever the rows are aligned. NCHW tiles are 16 channels high: a vector of fewer
-# elements than the warp has threads is cheap for the compiler to rebuild in any layout, so
-# the per-channel sums and the seed column need no exchange through shared memory (no
-# barrier in the loop); channels_last tiles span 32 lanes x 128 bits of channels.
+
+class Tiling(NamedTuple):
+    """How a plan streams X: (BLOCK_C, BLOCK_N) tiles, warps per program, and the programs per
+    SM that the chunking aims for (a small batch gets more chunks of positions, up to one tile
+    each)."""
+
+    block_c: int
+    block_n: int
+    num_warps: int
+    programs_per_sm: int
+
+
+# Tiles of 8 elements a thread with 128-bit loads along the contiguous dimension whenever the
+# rows are aligned. Warps and programs per SM were chosen on an NVIDIA H200 by timing CUDA-graph
+# replays of each plan (scripts/gpu_sweep.py, bench/results/gpu_sweep-nvidia-h200.json, summed
+# up in bench/results/gpu-nvidia-h200.md): four-warp NCHW programs tile 64 channels (the sum over
+# C crosses warps once per chunk, not per tile), four-warp float32 channels_last forwards tile 32
+# positions; 16-bit channels_last forwards and every channels_last backward ran fastest in
+# one-warp programs, 4 and 8 per SM. float64 and strided views keep one-warp tiles (no GPU
+# timing yet).
 _FORWARD_TILES = {
-    (N_CONTIGUOUS, 4): (16, 16), (N_CONTIGUOUS, 2): (16, 16), (N_CONTIGUOUS, 8): (16, 8),
-    (C_CONTIGUOUS, 4): (128, 8), (C_CONTIGUOUS, 2): (256, 4), (C_CONTIGUOUS, 8): (64, 8),
-    (STRIDED, 4): (32, 16), (STRIDED, 2): (32, 16), (STRIDED, 8): (32, 8),
+    (N_CONTIGUOUS, 4): Tiling(64, 16, 4, 16), (N_CONTIGUOUS, 2): Tiling(64, 16, 4, 16),
+    (N_CONTIGUOUS, 8): Tiling(16, 8, 1, 16),
+    (C_CONTIGUOUS, 4): Tiling(128, 32, 4, 16), (C_CONTIGUOUS, 2): Tiling(256, 4, 1, 4),
+    (C_CONTIGUOUS, 8): Tiling(64, 8, 1, 16),
+    (STRIDED, 4): Tiling(32, 16, 1, 16), (STRIDED, 2): Tiling(32, 16, 1, 16), (STRIDED, 8): Tiling(32, 8, 1, 16),
 }
-# The backward keeps two accumulators per part (KG <= 4 parts at once): tiles of 8 elements a thread,
-# fewer for strided views and float64 channels_last, whose addresses or doubles leave no room for 8.
+# The backward keeps two accumulators per part (KG <= 4 parts at once): fewer elements a thread
+# for strided views and float64 channels_last, whose addresses or doubles leave no room for 8.
 _BACKWARD_TILES = {
-    (N_CONTIGUOUS, 4): (16, 16), (N_CONTIGUOUS, 2): (16, 16), (N_CONTIGUOUS, 8): (16, 8),
-    (C_CONTIGUOUS, 4): (128, 2), (C_CONTIGUOUS, 2): (256, 1), (C_CONTIGUOUS, 8): (32, 2),
-    (STRIDED, 4): (16, 8), (STRIDED, 2): (16, 8), (STRIDED, 8): (8, 8),
+    (N_CONTIGUOUS, 4): Tiling(64, 16, 4, 16), (N_CONTIGUOUS, 2): Tiling(64, 16, 4, 16),
+    (N_CONTIGUOUS, 8): Tiling(16, 8, 1, 16),
+    (C_CONTIGUOUS, 4): Tiling(128, 2, 1, 8), (C_CONTIGUOUS, 2): Tiling(256, 1, 1, 8),
+    (C_CONTIGUOUS, 8): Tiling(32, 2, 1, 16),
+    (STRIDED, 4): Tiling(16, 8, 1, 16), (STRIDED, 2): Tiling(16, 8, 1, 16), (STRIDED, 8): Tiling(8, 8, 1, 16),
 }
 _TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
                torch.int64: "i64", torch.int32: "i32"}
@@ -152,13 +170,14 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def chunking(B: int, N: int, block_n: int, sm_count: int, tiles_per_chunk: int | None = None) -> tuple[int, int]:
-    """(S, tiles per chunk): enough chunks that B * S reaches PROGRAMS_PER_SM programs per SM
-    when the image's tiles of positions allow it (so at least 2 per SM whenever B times the
-    number of tiles does), and no more: larger batches get longer chunks, not more programs."""
+def chunking(B: int, N: int, block_n: int, sm_count: int, tiles_per_chunk: int | None = None,
+             programs_per_sm: int = 16) -> tuple[int, int]:
+    """(S, tiles per chunk): enough chunks that B * S reaches ``programs_per_sm`` programs per SM
+    when the image's tiles of positions allow it, and no more: larger batches get longer
+    chunks, not more programs."""
     tiles = ceil_div(N, block_n)
     if tiles_per_chunk is None:
-        wanted = max(1, ceil_div(PROGRAMS_PER_SM * sm_count, B))
+        wanted = max(1, ceil_div(programs_per_sm * sm_count, B))
         tiles_per_chunk = max(1, ceil_div(tiles, wanted))
     S = ceil_div(tiles, min(tiles_per_chunk, tiles))
     return S, _tiles(N, block_n, S)
@@ -221,17 +240,25 @@ def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Te
     return torch.empty(max(numel, 1), dtype=dtype, device=device)
 
 
-def _allocate_workspace(layout: dict, acc: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Views (no device work) into one float and one int32 allocation."""
+@functools.lru_cache(maxsize=256)
+def _workspace_spans(backward: bool, *sizes) -> tuple[int, int, tuple]:
+    """(float elements, int32 elements, ((name, is_int, offset, shape), ...)) of a workspace:
+    computed once per problem size, since every call of that size lays it out the same way."""
+    layout = backward_workspace(*sizes) if backward else forward_workspace(*sizes)
     floats, ints = _workspace_numel(layout)
-    pools = {False: _workspace(floats, acc, device), True: _workspace(ints, torch.int32, device)}
-    offsets = {False: 0, True: 0}
-    views = {}
+    offsets, spans = {False: 0, True: 0}, []
     for name, (shape, is_int) in layout.items():
-        numel = math.prod(shape)
-        views[name] = pools[is_int][offsets[is_int]: offsets[is_int] + numel].view(shape)
-        offsets[is_int] += _padded(numel)
-    return views
+        spans.append((name, is_int, offsets[is_int], shape))
+        offsets[is_int] += _padded(math.prod(shape))
+    return floats, ints, tuple(spans)
+
+
+def _allocate_workspace(backward: bool, sizes: tuple, acc: torch.dtype, device: torch.device) -> dict:
+    """Views (no device work) into one float and one int32 allocation."""
+    floats, ints, spans = _workspace_spans(backward, *sizes)
+    pools = {False: _workspace(floats, acc, device), True: _workspace(ints, torch.int32, device)}
+    return {name: pools[is_int][offset: offset + math.prod(shape)].view(shape)
+            for name, is_int, offset, shape in spans}
 
 
 def _check(x: torch.Tensor) -> None:
@@ -275,15 +302,26 @@ def forward_plan(B, C, N, K, dtype, x_strides, *, refine=True, given_seeds=False
                  config: dict | None = None) -> list[Launch]:
     """The forward's launches for x (B, C, N) of ``dtype`` with (B, C, N) strides ``x_strides``.
 
-    ``config`` (tests) may force ``BLOCK_C``, ``BLOCK_N`` and ``tiles_per_chunk``.
+    ``config`` (tests) may force ``BLOCK_C``, ``BLOCK_N`` and ``tiles_per_chunk``. Plans are
+    cached per problem (building one costs tens of microseconds of Python per call).
     """
+    sms = _sm_count() if sm_count is None else sm_count
+    args = (B, C, N, K, dtype, tuple(x_strides), bool(refine), bool(given_seeds), sms, bool(by_activity))
+    if config:
+        return _build_forward_plan(*args, config)
+    return list(_cached_forward_plan(*args))
+
+
+def _build_forward_plan(B, C, N, K, dtype, x_strides, refine, given_seeds, sm_count, by_activity,
+                        config: dict | None = None) -> list[Launch]:
     layout = _layout(tuple(x_strides))
     esize = dtype.itemsize
     align = _alignment(tuple(x_strides), layout, esize)
-    block_c, block_n = _FORWARD_TILES[(layout, esize)]
-    block_c, block_n = _config(config, "BLOCK_C", block_c), _config(config, "BLOCK_N", block_n)
-    sms = _sm_count() if sm_count is None else sm_count
-    S, tiles_per_chunk = chunking(B, N, block_n, sms, _config(config, "tiles_per_chunk", None))
+    tiling = _FORWARD_TILES[(layout, esize)]
+    block_c, block_n = _config(config, "BLOCK_C", tiling.block_c), _config(config, "BLOCK_N", tiling.block_n)
+    S, tiles_per_chunk = chunking(B, N, block_n, sm_count, _config(config, "tiles_per_chunk", None),
+                                  tiling.programs_per_sm)
+    options = dict(num_warps=tiling.num_warps, maxnreg=MAX_REGISTERS)
     acc = accumulation_dtype(dtype)
     acc_size = acc.itemsize
     acc_name, x_name = _TYPE_NAMES[acc], _TYPE_NAMES[dtype]
@@ -299,7 +337,7 @@ def forward_plan(B, C, N, K, dtype, x_strides, *, refine=True, given_seeds=False
     sig, attrs = _signature(forward_kernels.forward_norms_kernel, norms_cx, dict(
         x_ptr=x_name, norms_ptr=x_name, saved_norms_ptr=acc_name, scores_ptr=acc_name, cand_score_ptr=acc_name,
         cand_index_ptr="i32", sums_ptr=acc_name, ticket_ptr="i32"), _big(ints))
-    norms = Launch("forward.norms", forward_kernels.forward_norms_kernel, (B, S), sig, norms_cx, attrs, dict(WARPS),
+    norms = Launch("forward.norms", forward_kernels.forward_norms_kernel, (B, S), sig, norms_cx, attrs, dict(options),
                    1, x_bytes, B * N * (esize + 2 * acc_size) + sums_bytes)
 
     part_cx = dict(common, BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_S=BLOCK_S, **_size_hints(C, N), ACC=ACC)
@@ -307,7 +345,7 @@ def forward_plan(B, C, N, K, dtype, x_strides, *, refine=True, given_seeds=False
         x_ptr=x_name, seeds_ptr="i64", saved_norms_ptr=acc_name, scores_ptr=acc_name, sims_ptr=acc_name,
         part_sums_ptr=acc_name, part_abs_ptr=acc_name, cand_score_ptr=acc_name, cand_index_ptr="i32",
         sums_ptr=acc_name), _big(ints))
-    part = Launch("forward.part", forward_kernels.forward_part_kernel, (B, S), sig, part_cx, attrs, dict(WARPS), K,
+    part = Launch("forward.part", forward_kernels.forward_part_kernel, (B, S), sig, part_cx, attrs, dict(options), K,
                   x_bytes + B * N * 3 * acc_size, B * N * 2 * acc_size + sums_bytes)
 
     final_cx = dict(common, BY_ACTIVITY=bool(by_activity), BLOCK_C=FINAL_BLOCK_C, BLOCK_N=FINAL_BLOCK_N,
@@ -318,24 +356,33 @@ def forward_plan(B, C, N, K, dtype, x_strides, *, refine=True, given_seeds=False
         ticket_ptr="i32", vectors_ptr=x_name, maps_ptr=x_name, indices_ptr="i64", activity_ptr=x_name,
         inv_sums_ptr=acc_name), _big(ints))
     outputs = B * K * ((C + N) * esize + 8 + esize + acc_size)
-    final = Launch("forward.final", forward_kernels.forward_final_kernel, (B, S), sig, final_cx, attrs, dict(WARPS), 1,
-                   K * sums_bytes + B * K * (N + 2 * C) * acc_size, outputs + B * K * C * acc_size)
+    final = Launch("forward.final", forward_kernels.forward_final_kernel, (B, S), sig, final_cx, attrs,
+                   dict(options), 1, K * sums_bytes + B * K * (N + 2 * C) * acc_size, outputs + B * K * C * acc_size)
     return [norms, part, final]
 
 
 def backward_plan(B, C, N, K, dtype, x_strides, *, refine=True, sm_count=None, dx_strides=None,
                   grads=(True, True, False, True), config: dict | None = None) -> list[Launch]:
     """The backward's launches. ``grads`` says which of (vectors, maps, activity, norms) have
-    a gradient; ``dx_strides`` defaults to ``x_strides`` (dense x)."""
+    a gradient; ``dx_strides`` defaults to ``x_strides`` (dense x). Cached like ``forward_plan``."""
     x_strides = tuple(x_strides)
     dx_strides = x_strides if dx_strides is None else tuple(dx_strides)
+    sms = _sm_count() if sm_count is None else sm_count
+    args = (B, C, N, K, dtype, x_strides, bool(refine), sms, dx_strides, tuple(bool(g) for g in grads))
+    if config:
+        return _build_backward_plan(*args, config)
+    return list(_cached_backward_plan(*args))
+
+
+def _build_backward_plan(B, C, N, K, dtype, x_strides, refine, sm_count, dx_strides, grads,
+                         config: dict | None = None) -> list[Launch]:
     layout, dx_layout = _layout(x_strides), _layout(dx_strides)
     esize = dtype.itemsize
     align, dx_align = _alignment(x_strides, layout, esize), _alignment(dx_strides, dx_layout, esize)
-    block_c, block_n = _BACKWARD_TILES[(layout, esize)]
-    block_c, block_n = _config(config, "BLOCK_C", block_c), _config(config, "BLOCK_N", block_n)
-    sms = _sm_count() if sm_count is None else sm_count
-    S, _ = chunking(B, N, block_n, sms, _config(config, "tiles_per_chunk", None))
+    tiling = _BACKWARD_TILES[(layout, esize)]
+    block_c, block_n = _config(config, "BLOCK_C", tiling.block_c), _config(config, "BLOCK_N", tiling.block_n)
+    S, _ = chunking(B, N, block_n, sm_count, _config(config, "tiles_per_chunk", None), tiling.programs_per_sm)
+    options = dict(num_warps=tiling.num_warps, maxnreg=MAX_REGISTERS)
     acc = accumulation_dtype(dtype)
     acc_size = acc.itemsize
     acc_name, x_name = _TYPE_NAMES[acc], _TYPE_NAMES[dtype]
@@ -353,15 +400,27 @@ def backward_plan(B, C, N, K, dtype, x_strides, *, refine=True, sm_count=None, d
         vec_ptr=x_name, maps_ptr=x_name, indices_ptr="i64", norms_ptr=acc_name, inv_sums_ptr=acc_name,
         totals_ptr=acc_name, u_coef_ptr=acc_name, u_sums_ptr=acc_name, w_sums_ptr=acc_name), _big(ints))
     small = B * K * (2 * C + 2 * N) * esize + B * N * (esize + acc_size)
-    dx = Launch("backward.dx", backward_kernels.backward_dx_kernel, (B, S), sig, dx_cx, attrs, dict(WARPS), 1,
+    dx = Launch("backward.dx", backward_kernels.backward_dx_kernel, (B, S), sig, dx_cx, attrs, dict(options), 1,
                 x_bytes + small, x_bytes + B * K * (S * C + N) * acc_size)
     seeds_cx = dict(flags, BLOCK_C=FINAL_BLOCK_C, BLOCK_S=BLOCK_S, **_size_hints(C, N), ACC=_triton_dtype(dtype))
     sig, attrs = _signature(backward_kernels.backward_seeds_kernel, seeds_cx, dict(
         x_ptr=x_name, dx_ptr=x_name, gvec_ptr=x_name, gact_ptr=x_name, vec_ptr=x_name, indices_ptr="i64",
         norms_ptr=acc_name, totals_ptr=acc_name, u_sums_ptr=acc_name, w_sums_ptr=acc_name), _big(ints))
     seeds = Launch("backward.seeds", backward_kernels.backward_seeds_kernel, (B, S), sig, seeds_cx, attrs,
-                   dict(WARPS), 1, B * K * S * C * acc_size + 2 * B * K * C * esize, B * K * C * esize)
+                   dict(options), 1, B * K * S * C * acc_size + 2 * B * K * C * esize, B * K * C * esize)
     return [dx, seeds]
+
+
+_cached_forward_plan = functools.lru_cache(maxsize=256)(lambda *args: tuple(_build_forward_plan(*args)))
+_cached_backward_plan = functools.lru_cache(maxsize=256)(lambda *args: tuple(_build_backward_plan(*args)))
+
+
+def clear_plan_caches() -> None:
+    """Forget cached plans and workspace layouts (after editing the tiling tables, as
+    ``scripts/gpu_sweep.py`` does)."""
+    _cached_forward_plan.cache_clear()
+    _cached_backward_plan.cache_clear()
+    _workspace_spans.cache_clear()
 
 
 def plan_variants() -> list[tuple[str, list[Launch]]]:
@@ -436,7 +495,7 @@ def forward(
     norms = _empty((B, N), x.dtype, dev)
     saved_norms = _empty((B, N), acc, dev)
     inv_sums = _empty((B, K), acc, dev)
-    ws = _allocate_workspace(forward_workspace(B, C, N, K, S, refine), acc, dev)
+    ws = _allocate_workspace(False, (B, C, N, K, S, bool(refine)), acc, dev)
     seeds = seed_indices if given else indices  # not read without given seeds
     seed_strides = dict(seeds_stride_b=seeds.stride(0), seeds_stride_k=seeds.stride(1))
     layout, align = norms_launch.constexprs["LAYOUT"], norms_launch.constexprs["ALIGN"]
@@ -496,7 +555,7 @@ def backward(
                          dx_strides=dx.stride(), grads=tuple(g is not None for g in grads), config=config)
     dx_launch, seeds_launch = plan
     S = dx_launch.grid[1]
-    ws = _allocate_workspace(backward_workspace(B, C, N, K, S), acc, dev)
+    ws = _allocate_workspace(True, (B, C, N, K, S), acc, dev)
     g_vec, g_map, g_act, g_norm = (x if g is None else g.contiguous() for g in grads)  # x: a placeholder, not read
     vectors, maps, indices, saved_norms, inv_sums = (t.contiguous() for t in saved)
     cx = dx_launch.constexprs

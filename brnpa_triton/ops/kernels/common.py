@@ -5,12 +5,11 @@ Conventions of every kernel:
 * grid (B, S): program (b, s) owns the chunk of image b's positions
   [s * tiles_per_chunk * BLOCK_N, (s + 1) * tiles_per_chunk * BLOCK_N), walked one tile of
   BLOCK_N positions at a time; each tile is swept over C in (BLOCK_C, BLOCK_N) tiles.
-* Programs are one warp: every reduction (over C for dot products and norms, over N for
-  weighted sums) stays within a thread or a warp, so no loop that streams X waits for another
-  warp. Sums over the C loop are accumulated elementwise and reduced once after it, and each
-  C loop loads the next tile before it uses the current one (two tiles in flight). The
-  barriers left are one warp's: after each tile, ordering its workspace stores before the
-  next tile's loads, and where the compiler exchanges a vector between layouts.
+* Programs are one or four warps (the launcher's plan). Sums over the C loop are accumulated
+  elementwise and reduced once after it, so no loop that streams X waits for a reduction
+  across warps, and each C loop loads the next tile before it uses the current one (two
+  tiles in flight). The barriers left order a tile's workspace stores before the next
+  tile's loads, and sit where the compiler exchanges a vector between layouts.
 * x is read through a layout constexpr: ``N_CONTIGUOUS`` (NCHW), ``C_CONTIGUOUS``
   (channels_last, tokens) or ``STRIDED`` (anything else). The strides of a contiguous layout
   arrive divided by ``ALIGN`` (a power of two chosen by the launcher), so the compiler knows
