@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import cli, report, timing
+from bench import cli, host, report, timing
 from bench import run as bench_run
 from bench.analysis import add_ratios
 from bench.presets import RESULTS_DIR, SCRATCH_DIR
@@ -167,3 +167,15 @@ def test_markdown_and_plot_carry_spread_and_busy_warning(busy):
         assert ("busy machine" in texts) == busy
     finally:
         plt.close(fig)
+
+
+def test_host_benchmark_times_the_launchers_without_launching(tmp_path):
+    from brnpa_triton.ops import triton_impl
+
+    run = triton_impl._run
+    rows = host.measure(shapes=[(2, 8, 3, 3, 2)], calls=2, repeats=3)
+    assert triton_impl._run is run  # the stub is removed again
+    assert [r["shape"] for r in rows] == ["2x8x3x3 K=2"]
+    for direction in ("forward", "backward"):
+        t = rows[0][direction]
+        assert 0 < t["min_us"] <= t["median_us"] <= t["max_us"]
