@@ -8,8 +8,9 @@
                                                # Triton interpreter (what CI runs of this script)
 
 1. correctness on CUDA of ``triton_impl.forward/backward`` against the float64 PyTorch path
-   (same seeds), for float32 / bfloat16 / float16, NCHW / channels_last / tokens, refine on
-   and off, greedy and given seeds, odd and realistic shapes; outputs are NaN-poisoned first,
+   (same seeds), for float32 / bfloat16 / float16 (and float64), NCHW / channels_last / tokens
+   and strided views, refine on and off, greedy and given seeds, parts ranked by activity with
+   an activity gradient, odd and realistic shapes; outputs are NaN-poisoned first,
    so an unwritten element fails; dX must keep x's strides; two runs must agree bitwise;
 2. forward + backward captured in a CUDA graph and replayed (no host synchronisation);
 3. timings of the kernels vs the vectorised PyTorch path at the benchmark shapes, with the
@@ -68,50 +69,67 @@ VIEW_OF = {"nchw": "nchw", "channels_last": "channels_last", "tokens": "channels
 
 
 def make_x(B, C, H, W, dtype, layout, seed):
-    """Non-negative (B, C, H * W) features in ``layout``, on DEVICE."""
+    """Non-negative (B, C, H * W) features in ``layout``, on DEVICE. "strided": every other
+    position of a wider buffer, so that neither C nor N is contiguous (the STRIDED kernels)."""
     values = testing.random_values(B, C, H * W, seed=seed).to(dtype)
+    if layout == "strided":
+        wide = torch.full((B, H * W, 2 * C), float("nan"), dtype=dtype, device=DEVICE)
+        view = wide[:, :, ::2].transpose(1, 2)
+        view.copy_(values.to(DEVICE))
+        return view
     return testing.view_in_layout(values, VIEW_OF[layout], device=DEVICE)
 
 
 # ---- 1. correctness --------------------------------------------------------------------------
 
-def correctness_case(B, C, H, W, K, dtype, layout, refine, given, seed=0):
+def correctness_case(B, C, H, W, K, dtype, layout, refine, given, seed=0, by_activity=False):
+    """With ``by_activity``: parts ranked by activity, and a gradient of the activities too."""
     x = make_x(B, C, H, W, dtype, layout, seed)
     N = H * W
     seeds = None
     if given:
         g = torch.Generator().manual_seed(seed + 1)
         seeds = torch.randint(0, N, (B, K), generator=g).to(DEVICE)
-    out = triton_impl.forward(x, K, refine, seeds)
+    # Seeds in the order they were picked; ranked by activity, the outputs are then reordered.
+    picked = triton_impl.forward(x, K, refine, seeds).indices
+    out = triton_impl.forward(x, K, refine, seeds, by_activity)
     sync()
     if given:
-        ok_idx = torch.equal(out.indices, seeds)
+        ok_idx = torch.equal(picked, seeds)
     else:
-        ok_idx = testing.greedy_seed_error(x, out.indices, 1e-4) is None
+        ok_idx = testing.greedy_seed_error(x, picked, 1e-4) is None
     x64 = x.double()
-    ref = torch_impl.forward(x64, K, refine, out.indices if ok_idx else None)
+    ref = torch_impl.forward(x64, K, refine, picked if ok_idx else None, by_activity=by_activity)
+    ok_idx = ok_idx and torch.equal(out.indices.cpu(), ref.indices.cpu())
     cond = testing.conditioning(ref.maps)
     tol = testing.SCALED_TOLERANCE[dtype] * cond
-    e_fwd = max(testing.scaled_error(getattr(out, name), getattr(ref, name))
-                for name in ("vectors", "maps", "saved_norms", "inv_sums"))
+    names = ("vectors", "maps", "saved_norms", "inv_sums") + (("activity",) if by_activity else ())
+    e_fwd = max(testing.scaled_error(getattr(out, name), getattr(ref, name)) for name in names)
     g_vec, g_map, g_norm = testing.random_grads(x, K, seed=seed)
-    dx = triton_impl.backward(x, g_vec, g_map, None, g_norm, out.saved(), refine)
+    g_act = torch.randn(B, K, generator=torch.Generator().manual_seed(seed + 3)).to(x) if by_activity else None
+    dx = triton_impl.backward(x, g_vec, g_map, g_act, g_norm, out.saved(), refine)
     sync()
-    dx_ref = torch_impl.backward(x64, g_vec.double(), g_map.double(), None, g_norm.double(), ref.saved(), refine)
+    dx_ref = torch_impl.backward(x64, g_vec.double(), g_map.double(), None if g_act is None else g_act.double(),
+                                 g_norm.double(), ref.saved(), refine)
     # float16: gradients at zero vectors (rho_n = eps) can pass 65504; they overflow to inf there.
     limit = torch.finfo(dtype).max
     overflow = dx_ref.abs() > limit
     e_bwd = testing.scaled_error(dx[~overflow], dx_ref[~overflow])
     if not bool(torch.isinf(dx[overflow]).all()):
         e_bwd = float("inf")
-    strides_ok = dx.stride() == x.stride()
-    again = triton_impl.forward(x, K, refine, seeds)
-    dx2 = triton_impl.backward(x, g_vec, g_map, None, g_norm, again.saved(), refine)
+    # dX keeps a dense x's strides; behind a strided view it is dense, in x's dimension order
+    if layout == "strided":
+        span = sum((n - 1) * st for n, st in zip(dx.shape, dx.stride(), strict=True)) + 1
+        strides_ok = dx.stride() == torch.empty_like(x).stride() and span == dx.numel()
+    else:
+        strides_ok = dx.stride() == x.stride()
+    again = triton_impl.forward(x, K, refine, seeds, by_activity)
+    dx2 = triton_impl.backward(x, g_vec, g_map, g_act, g_norm, again.saved(), refine)
     deterministic = all(torch.equal(a, b) for a, b in zip(out, again, strict=True)) and torch.equal(dx, dx2)
     ok = ok_idx and e_fwd <= tol and e_bwd <= tol * cond and strides_ok and deterministic
     return dict(check="correctness", shape=f"{B}x{C}x{H}x{W} K={K}", dtype=DNAME[dtype], layout=layout,
-                refine=refine, seeds="given" if given else "greedy", fwd_err=e_fwd, bwd_err=e_bwd, tol=tol,
-                indices_ok=ok_idx, strides_ok=strides_ok, deterministic=deterministic, ok=ok)
+                refine=refine, seeds="given" if given else "greedy", by_activity=by_activity, fwd_err=e_fwd,
+                bwd_err=e_bwd, tol=tol, indices_ok=ok_idx, strides_ok=strides_ok, deterministic=deterministic, ok=ok)
 
 
 def run_correctness(results):
@@ -123,6 +141,7 @@ def run_correctness(results):
                 cases.append(((2, 20, 3, 5, 3), dtype, layout, True, False))
             cases.append(((2, 20, 3, 5, 3), torch.float32, "channels_last", False, True))
             cases.append(((1, 1, 1, 1, 1), torch.float32, "nchw", True, False))
+            cases.append(((2, 20, 3, 5, 3), torch.float32, "strided", True, False, True))
         for dtype in () if INTERPRET else (torch.float32, torch.bfloat16, torch.float16):
             for layout in ("nchw", "channels_last", "tokens"):
                 for refine in (True, False):
@@ -135,17 +154,25 @@ def run_correctness(results):
             cases.append(((2, 2048, 28, 28, 3), torch.float32, "nchw", False, True))
             cases.append(((1, 1, 1, 1, 1), torch.float32, "nchw", True, False))
             cases.append(((2, 7, 3, 3, 9), torch.float64, "tokens", True, False))
-        for shape, dtype, layout, refine, given in cases:
+            # the paths the cases above leave out: strided views (neither C nor N contiguous),
+            # parts ranked by activity with an activity gradient, float64 NCHW
+            for dtype in (torch.float32, torch.bfloat16):
+                cases.append(((3, 40, 5, 7, 3), dtype, "strided", True, False))
+                cases.append(((3, 40, 5, 7, 3), dtype, "nchw", True, False, True))
+                cases.append(((3, 40, 5, 7, 3), dtype, "channels_last", False, True, True))
+            cases.append(((4, 256, 14, 14, 3), torch.float64, "nchw", True, False))
+        for shape, dtype, layout, refine, given, *ranked in cases:
             try:
-                r = correctness_case(*shape, dtype, layout, refine, given)
+                r = correctness_case(*shape, dtype, layout, refine, given, by_activity=bool(ranked and ranked[0]))
             except Exception as e:  # reported as a failure, the check goes on
                 r = dict(check="correctness", shape=str(shape), dtype=DNAME[dtype], layout=layout, refine=refine,
-                         seeds="given" if given else "greedy", ok=False, error=f"{type(e).__name__}: {e}")
+                         seeds="given" if given else "greedy", by_activity=bool(ranked and ranked[0]), ok=False,
+                         error=f"{type(e).__name__}: {e}")
                 traceback.print_exc()
             results.append(r)
             log(f"{'ok  ' if r['ok'] else 'FAIL'} {r['shape']:22} {r['dtype']} {r['layout']:13} refine={refine!s:5} "
-                f"{r['seeds']:6} fwd_err={r.get('fwd_err', float('nan')):.2e} "
-                f"bwd_err={r.get('bwd_err', float('nan')):.2e}")
+                f"{r['seeds']:6}{' ranked' if r.get('by_activity') else ''} "
+                f"fwd_err={r.get('fwd_err', float('nan')):.2e} bwd_err={r.get('bwd_err', float('nan')):.2e}")
 
 
 # ---- 2. CUDA graphs --------------------------------------------------------------------------

@@ -232,7 +232,8 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def _empty_like(x: torch.Tensor) -> torch.Tensor:
-    """Same strides as x when x is dense (NCHW, channels_last, tokens); contiguous otherwise."""
+    """Same strides as x when x is dense (NCHW, channels_last, tokens); otherwise dense, with
+    x's dimensions in x's stride order (``torch.empty_like``'s preserve_format)."""
     return torch.empty_like(x)
 
 
