@@ -4,6 +4,10 @@ there is no CUDA device, so that every such test runs in CPU CI and the same tes
 Decorate a test taking ``device`` with ``ON_EVERY_DEVICE``; mark what only CUDA has (CUDA graphs,
 GradScaler with float16 autocast) ``CUDA_ONLY``::
 
+    from tests.devices import ON_EVERY_DEVICE, float32_exact  # noqa: F401  (a fixture)
+
+    pytestmark = pytest.mark.usefixtures("float32_exact")
+
     @ON_EVERY_DEVICE
     def test_something(device): ...
 """
@@ -23,6 +27,18 @@ DEVICES = [
 ]
 # A test's ``device`` argument: torch.device("cpu"), and torch.device("cuda") when there is one.
 ON_EVERY_DEVICE = pytest.mark.parametrize("device", DEVICES)
+
+
+@pytest.fixture
+def float32_exact():
+    """float32 convolutions and matmuls in float32, not TensorFloat-32 (cuDNN's default for
+    convolutions on Ampere and later rounds inputs to 10 bits: no float32 tolerance holds)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def compile_backend(device: torch.device) -> str:

@@ -14,8 +14,10 @@ from torch import nn
 
 import brnpa_triton as bt
 from brnpa_triton import testing
-from tests.devices import ON_EVERY_DEVICE
+from tests.devices import ON_EVERY_DEVICE, float32_exact  # noqa: F401  (float32_exact: a fixture)
 from tests.helpers import reference
+
+pytestmark = pytest.mark.usefixtures("float32_exact")
 
 B, C, H, W, K = 2, 8, 6, 6, 3
 N = H * W

@@ -17,7 +17,15 @@ from torch import nn
 
 import brnpa_triton as bt
 from brnpa_triton import testing
-from tests.devices import CUDA_ONLY, ON_EVERY_DEVICE, compile_backend, synchronize
+from tests.devices import (  # noqa: F401  (float32_exact: a fixture)
+    CUDA_ONLY,
+    ON_EVERY_DEVICE,
+    compile_backend,
+    float32_exact,
+    synchronize,
+)
+
+pytestmark = pytest.mark.usefixtures("float32_exact")
 
 B, C, H, W, CLASSES, PARTS = 2, 8, 6, 6, 3, 2
 
