@@ -107,16 +107,23 @@ def test_compiled_model_returns_the_eager_output(device):
 
 # ---- CUDA graphs -----------------------------------------------------------------------------
 
+OPTIMIZERS = {
+    "sgd-momentum": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    "adam-capturable": lambda params: torch.optim.Adam(params, lr=1e-2, capturable=True),
+}
+
+
 @CUDA_ONLY
-def test_training_step_captured_in_a_cuda_graph_replays_the_eager_losses():
-    """Forward, backward and SGD step captured once in a CUDA graph, replayed on new batches
-    copied into static inputs: the same losses and parameters as the same steps run eagerly.
-    (The capture fails if anything synchronises with the host.)"""
+@pytest.mark.parametrize("make_optimizer", OPTIMIZERS.values(), ids=list(OPTIMIZERS))
+def test_training_step_captured_in_a_cuda_graph_replays_the_eager_losses(make_optimizer):
+    """Forward, backward and optimizer step captured once in a CUDA graph, replayed on new
+    batches copied into static inputs: the same losses and parameters as the same steps run
+    eagerly. (The capture fails if anything synchronises with the host.)"""
     device = torch.device("cuda")
     warmup, data = batches(device, 1, seed=2)[0], batches(device, 4, seed=3)
     model = make_model(device)
     reference = copy.deepcopy(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = make_optimizer(model.parameters())
     static_images, static_labels = (t.clone() for t in warmup)
 
     def step():
@@ -143,7 +150,7 @@ def test_training_step_captured_in_a_cuda_graph_replays_the_eager_losses():
         losses.append(static_loss.clone())
     synchronize(device)
 
-    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    ref_optimizer = make_optimizer(reference.parameters())
     ref_losses = []
     for i, (images, labels) in enumerate([warmup] * 3 + data):
         ref_optimizer.zero_grad(set_to_none=False)
@@ -164,7 +171,7 @@ def test_brnpa_forward_and_backward_replayed_in_a_cuda_graph_are_bitwise_eager()
     from brnpa_triton.ops import triton_impl
 
     device = torch.device("cuda")
-    x = testing.view_in_layout(testing.random_values(4, 128, 14 * 14, seed=3), "channels_last", device=device).float()
+    x = testing.view_in_layout(testing.random_values(4, 128, 14 * 14, seed=3).float(), "channels_last", device=device)
     grads = testing.random_grads(x, 3, seed=3)
     with testing.poisoned_allocations(triton_impl):
         eager = triton_impl.forward(x, 3, True)
