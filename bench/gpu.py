@@ -137,17 +137,18 @@ class SetupEstimates:
     that shrinks as the run goes on."""
 
     FIRST = {"ours": 20.0, "compile": 45.0, "eager": 2.0}  # before any observation
+    FIRST_OTHER = 20.0  # a provider not listed above
     WINDOW = 3
 
     def __init__(self):
-        self.observed: dict[str, list] = {p: [] for p in PROVIDERS}
+        self.observed: dict[str, list] = {}
 
     def estimate(self, provider: str) -> float:
-        seen = self.observed[provider][-self.WINDOW:]
-        return 1.25 * max(seen) if seen else self.FIRST[provider]
+        seen = self.observed.get(provider, [])[-self.WINDOW:]
+        return 1.25 * max(seen) if seen else self.FIRST.get(provider, self.FIRST_OTHER)
 
     def observe(self, provider: str, seconds: float) -> None:
-        self.observed[provider].append(seconds)
+        self.observed.setdefault(provider, []).append(seconds)
 
 
 # ---- inputs and providers ------------------------------------------------------------------
