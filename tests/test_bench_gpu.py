@@ -88,6 +88,24 @@ def test_rotation_reads_a_different_copy_each_call():
     assert [rotated() for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
 
 
+def test_the_cuda_paths_delegate_to_the_graph_timer_and_read_device_time(monkeypatch):
+    cuda = torch.device("cuda")
+    seen = []
+    monkeypatch.setattr(gpu_timers, "time_cuda_graph",
+                        lambda fn, calls, replays: seen.append((fn, calls, replays)) or (2.0, 1.0, 3.0))
+    t = gpu_timers.replay_us(print, cuda, calls=12, replays=5)
+    assert seen == [(print, 12, 5)]
+    assert t == {"us": 2.0, "min_us": 1.0, "max_us": 3.0, "samples": 5, "timer": "cuda-graph"}
+
+    class Event:  # a profiler average: device_time_total since torch 2.4, cuda_time_total before
+        def __init__(self, **times):
+            self.__dict__.update(times)
+
+    assert gpu_timers._event_time_us(Event(device_time_total=7.0, cuda_time_total=1.0), cuda) == 7.0
+    assert gpu_timers._event_time_us(Event(cuda_time_total=5.0), cuda) == 5.0
+    assert gpu_timers._event_time_us(Event(self_cpu_time_total=3.0), torch.device("cpu")) == 3.0
+
+
 def test_floors_and_kernel_bandwidth():
     row = {"K": 3, "x_bytes": 4_000_000, "floor_one_read_us": 2.0}
     f = gpu_report.floors(row)
