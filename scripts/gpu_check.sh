@@ -31,7 +31,7 @@ done
 echo "== gpu_check: pytest (limit ${TEST_S} s): ${#gpu_first[@]} GPU files first, then ${#rest[@]} others =="
 # SIGINT at the limit: pytest stops and still prints its summary of what ran.
 timeout -s INT -k 20 "$TEST_S" "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu_check-pytest.xml" \
-  "${gpu_first[@]}" "${rest[@]}" 2>&1 | tee "$OUT_DIR/gpu_check-pytest.log"
+  ${gpu_first[@]+"${gpu_first[@]}"} ${rest[@]+"${rest[@]}"} 2>&1 | tee "$OUT_DIR/gpu_check-pytest.log"
 test_rc=${PIPESTATUS[0]}
 test_line=$(grep -E "[0-9]+ (passed|failed|error)|no tests ran" "$OUT_DIR/gpu_check-pytest.log" | tail -n 1)
 [ "$test_rc" -eq 124 ] && test_line="$test_line (cut at ${TEST_S} s)"
