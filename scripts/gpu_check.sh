@@ -5,9 +5,9 @@
 # At most GPU_CHECK_TOTAL_S seconds in all (480 = 8 min); installs nothing. Logs, the pytest
 # report and gpu-<device>.json/.md go to ${OUT:-bench/results}. Prints a short table last.
 # The tests run GPU-related files first (those naming cuda), so that a cut loses the others;
-# three CPU-only files are left out: test_bench_kernels.py (static SASS checks for three
-# architectures, 15+ min), test_gpu_check.py and test_bench_gpu.py (CPU rehearsals of
-# gpu_check.py and of bench.gpu, which runs for real next).
+# two CPU-only files are left out: test_bench_kernels.py (static SASS checks for three
+# architectures, 15+ min) and test_bench_gpu.py (the CPU rehearsal of bench.gpu, which runs
+# for real next).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-bench/results}"
@@ -22,7 +22,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   exit 2
 fi
 
-skip=(tests/test_bench_kernels.py tests/test_gpu_check.py tests/test_bench_gpu.py)
+skip=(tests/test_bench_kernels.py tests/test_bench_gpu.py)
 gpu_first=() rest=()
 for f in tests/test_*.py; do
   [[ " ${skip[*]} " == *" $f "* ]] && continue

@@ -238,7 +238,7 @@ def test_gpu_check_sh_runs_gpu_tests_first_then_the_bench_in_the_time_left(tmp_p
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     pytest_call, bench_call = (line.split() for line in calls.read_text().splitlines()[1:3])
     files = [a for a in pytest_call if a.startswith("tests/")]
-    assert not {"tests/test_bench_kernels.py", "tests/test_gpu_check.py", "tests/test_bench_gpu.py"} & set(files)
+    assert not {"tests/test_bench_kernels.py", "tests/test_bench_gpu.py"} & set(files)
     assert "tests/test_triton_kernels.py" in files and "tests/test_api_views.py" in files
     cuda_files = [f for f in files if "cuda" in (ROOT / f).read_text().lower()]
     assert files[:len(cuda_files)] == cuda_files  # the GPU files first

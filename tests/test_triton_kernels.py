@@ -1,7 +1,7 @@
 """The fused Triton kernels (``brnpa_triton.ops.triton_impl``) against the float64 reference.
 
 On CPU the kernels run under the Triton interpreter (the conftest sets TRITON_INTERPRET=1), so
-shapes stay tiny. With TRITON_INTERPRET=0 and a GPU (scripts/gpu_check.py) the same tests run
+shapes stay tiny. With TRITON_INTERPRET=0 and a GPU (bash scripts/gpu_check.sh) the same tests run
 the compiled kernels on CUDA.
 
 Every launcher allocation (outputs, dX and the workspace) is poisoned with NaN (indices with
