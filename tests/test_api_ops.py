@@ -4,6 +4,8 @@ an error naming the argument, before any kernel runs."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -11,17 +13,19 @@ from brnpa_triton.ops.registry import brnpa_backward, brnpa_forward
 from brnpa_triton.testing import random_features
 
 BACKENDS = ("torch", "triton")
-NO_SEEDS = torch.empty(0, dtype=torch.int64)
+# The triton backend runs on CUDA tensors, or on CPU ones under the interpreter (the tests' default).
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+NO_SEEDS = torch.empty(0, dtype=torch.int64, device=DEVICE)
 SAVED = ("vectors", "maps", "indices", "norms", "inv_sums")
 GRADS = ("grad_vectors", "grad_maps", "grad_activity", "grad_norms")
 
 
 def _problem(backend, dtype=torch.float32):
     """x (1, 3, 6), its forward with K = 2 and every output's gradient, as the backward's keywords."""
-    x = random_features(1, 3, 2, 3, seed=31, dtype=dtype).flatten(2)
+    x = random_features(1, 3, 2, 3, seed=31, dtype=dtype).flatten(2).to(DEVICE)
     vectors, maps, indices, activity, norms, saved_norms, inv_sums = brnpa_forward(x, 2, True, NO_SEEDS, False, backend)
     g = torch.Generator().manual_seed(0)
-    grads = {name: torch.randn(t.shape, generator=g).to(dtype)
+    grads = {name: torch.randn(t.shape, generator=g).to(DEVICE, dtype)
              for name, t in zip(GRADS, (vectors, maps, activity, norms), strict=True)}
     saved = dict(zip(SAVED, (vectors, maps, indices, saved_norms, inv_sums), strict=True))
     return x, {**grads, **saved}
@@ -74,8 +78,8 @@ def _meta(t):
         (lambda a: {"indices": a["indices"] - 1 - a["indices"]}, ValueError,
          r"indices must lie in \[0, N=6\); got values from -1 to -1"),
         (lambda a: {"indices": a["indices"] + 6}, ValueError, r"indices must lie in \[0, N=6\)"),
-        (lambda a: {"indices": _meta(a["indices"])}, ValueError, r"indices must be on x's device \(cpu\); got meta"),
-        (lambda a: {"vectors": _meta(a["vectors"])}, ValueError, r"vectors must be on x's device \(cpu\); got meta"),
+        (lambda a: {"indices": _meta(a["indices"])}, ValueError, r"indices must be on x's device \(.*\); got meta"),
+        (lambda a: {"vectors": _meta(a["vectors"])}, ValueError, r"vectors must be on x's device \(.*\); got meta"),
         (lambda a: {"grad_norms": _meta(a["grad_norms"])}, ValueError, r"grad_norms must be on x's device"),
         (lambda a: {"grad_maps": a["grad_maps"].to_sparse()}, TypeError,
          r"grad_maps must be a dense \(strided\) tensor; got layout torch.sparse_coo"),
@@ -87,43 +91,45 @@ def test_backward_refuses_bad_arguments_naming_them(backend, edit, error, messag
         _backward(x, {**args, **edit(args)}, backend)
 
 
+def _seeds(values, **kwargs):
+    return lambda x: torch.tensor(values, **{"device": x.device, **kwargs})
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "call, error, message",
+    "x_of, seeds_of, K, error, message",
     [
-        (lambda x, b: brnpa_forward(x.to_sparse(), 2, True, NO_SEEDS, False, b), TypeError,
+        (torch.Tensor.to_sparse, lambda x: NO_SEEDS, 2, TypeError,
          r"x must be a dense \(strided\) tensor; got layout torch.sparse_coo"),
-        (lambda x, b: brnpa_forward(x, 2, True, torch.tensor([[0, 6]]), False, b), ValueError,
-         r"seed_indices must lie in \[0, N=6\); got values from 0 to 6"),
-        (lambda x, b: brnpa_forward(x, 2, True, torch.tensor([[-1, 0]]), False, b), ValueError,
-         r"seed_indices must lie in \[0, N=6\); got values from -1 to 0"),
-        (lambda x, b: brnpa_forward(x, 2, True, torch.tensor([[0, 1]], device="meta"), False, b), ValueError,
-         r"seed_indices must be on x's device \(cpu\); got meta"),
-        (lambda x, b: brnpa_forward(x, 2, True, torch.tensor([[0, 1]]).to_sparse(), False, b), TypeError,
+        (None, _seeds([[0, 6]]), 2, ValueError, r"seed_indices must lie in \[0, N=6\); got values from 0 to 6"),
+        (None, _seeds([[-1, 0]]), 2, ValueError, r"seed_indices must lie in \[0, N=6\); got values from -1 to 0"),
+        (None, _seeds([[0, 1]], device="meta"), 2, ValueError,
+         r"seed_indices must be on x's device \(\w+(:\d)?\); got meta"),
+        (None, lambda x: _seeds([[0, 1]])(x).to_sparse(), 2, TypeError,
          r"seed_indices must be a dense \(strided\) tensor"),
-        (lambda x, b: brnpa_forward(x, 2, True, torch.tensor([[0, 1]], dtype=torch.int32), False, b), TypeError,
-         r"seed_indices must be int64; got torch.int32"),
-        (lambda x, b: brnpa_forward(x, 2, True, torch.tensor([0, 1]), False, b), ValueError,
-         r"seed_indices must have shape \(1, 2\); got \(2,\)"),
-        (lambda x, b: brnpa_forward(x, 7, True, NO_SEEDS, False, b), ValueError,
-         r"num_parts must be between 1 and N=6; got 7"),
+        (None, _seeds([[0, 1]], dtype=torch.int32), 2, TypeError, r"seed_indices must be int64; got torch.int32"),
+        (None, _seeds([0, 1]), 2, ValueError, r"seed_indices must have shape \(1, 2\); got \(2,\)"),
+        (None, lambda x: NO_SEEDS, 7, ValueError, r"num_parts must be between 1 and N=6; got 7"),
     ],
 )
-def test_forward_refuses_bad_arguments_naming_them(backend, call, error, message):
-    x = random_features(1, 3, 2, 3, seed=31, dtype=torch.float32).flatten(2)
+def test_forward_refuses_bad_arguments_naming_them(backend, x_of, seeds_of, K, error, message):
+    x = random_features(1, 3, 2, 3, seed=31, dtype=torch.float32).flatten(2).to(DEVICE)
+    seeds = seeds_of(x)
     with pytest.raises(error, match=message):
-        call(x, backend)
+        brnpa_forward(x if x_of is None else x_of(x), K, True, seeds, False, backend)
 
 
 def test_ops_name_the_backend_and_what_triton_needs(monkeypatch):
     x, args = _problem("torch")
+    x, args = x.cpu(), {n: t.cpu() for n, t in args.items()}
     with pytest.raises(ValueError, match=r"backend must be one of 'torch', 'triton'; got 'auto'"):
-        brnpa_forward(x, 2, True, NO_SEEDS, False, "auto")
+        brnpa_forward(x, 2, True, NO_SEEDS.cpu(), False, "auto")
     with pytest.raises(ValueError, match=r"backend must be one of 'torch', 'triton'; got 'cuda'"):
         _backward(x, args, "cuda")
     # CPU tensors and no interpreter: the ops say so before any kernel is launched.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    for call in (lambda: brnpa_forward(x, 2, True, NO_SEEDS, False, "triton"), lambda: _backward(x, args, "triton")):
+    for call in (lambda: brnpa_forward(x, 2, True, NO_SEEDS.cpu(), False, "triton"),
+                 lambda: _backward(x, args, "triton")):
         with pytest.raises(RuntimeError, match=r"backend='triton' runs on CUDA tensors.*TRITON_INTERPRET=1"):
             call()
 
@@ -132,6 +138,7 @@ def test_ops_name_the_backend_and_what_triton_needs(monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ops_refuse_tensors_on_another_device_than_x(backend):
     x, args = _problem("torch")
+    x, args = x.cpu(), {n: t.cpu() for n, t in args.items()}
     x = x.cuda()
     cuda_args = {n: t.cuda() for n, t in args.items()}
     with pytest.raises(ValueError, match=r"indices must be on x's device \(cuda:0\); got cpu"):
