@@ -21,7 +21,11 @@ def check_choice(name: str, value, choices) -> None:
 def check_features(name: str, features, layout: str) -> None:
     """``layout`` is "BCHW" or "BNC": the expected dimension names."""
     if not isinstance(features, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape ({', '.join(layout)}); got {type(features).__name__}")
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape ({', '.join(layout)}); got {type(features).__name__}"
+            + (f" (convert it with torch.from_numpy({name}))" if isinstance(features, np.ndarray) else "")
+        )
+    check_dense(name, features)
     if features.dim() != len(layout):
         raise ValueError(
             f"{name} must have {len(layout)} dims ({', '.join(layout)}); "
@@ -34,6 +38,12 @@ def check_features(name: str, features, layout: str) -> None:
     empty = [f"{d}={s}" for d, s in zip(layout, features.shape, strict=True) if s == 0]
     if empty:
         raise ValueError(f"{name} must have no empty dimension; got shape {tuple(features.shape)} ({', '.join(empty)})")
+
+
+def check_dense(name: str, tensor: torch.Tensor) -> None:
+    """Sparse and other non-strided layouts have no strides for the kernels to read."""
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor; got layout {tensor.layout}: use {name}.to_dense()")
 
 
 def _describe(value) -> str:
@@ -62,6 +72,13 @@ def as_bool(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False; got {_describe(value)}")
     return bool(value)
+
+
+def as_float(name: str, value) -> float:
+    """A real number as a Python float: ints, floats and numpy numbers (not bools, strings or tensors)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a float; got {_describe(value)}")
+    return float(value)
 
 
 def as_probability(name: str, value) -> float:
@@ -158,10 +175,16 @@ def check_random_source(seeds: str, generator, noise, expected_noise_shape, devi
         if not _same_device(generator.device, device):
             raise ValueError(f"generator must be on the features' device ({device}); got {generator.device}")
         return
-    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+    if isinstance(noise, np.ndarray):
         raise TypeError(
-            f"noise must be a floating-point torch.Tensor; got {getattr(noise, 'dtype', type(noise).__name__)}"
+            f"noise must be a floating-point torch.Tensor; got a numpy.ndarray of dtype {noise.dtype}: "
+            "convert it with torch.from_numpy(noise), on the features' device"
         )
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a floating-point torch.Tensor; got {type(noise).__name__}")
+    if not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point torch.Tensor; got {noise.dtype}")
+    check_dense("noise", noise)
     if tuple(noise.shape) != tuple(expected_noise_shape):
         raise ValueError(
             f"noise must have shape {tuple(expected_noise_shape)} (B, K, positions); got {tuple(noise.shape)}"

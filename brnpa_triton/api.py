@@ -41,9 +41,10 @@ def brnpa(
     paper's ablation: each part's seed is the argmax of fresh uniform noise, drawn from
     ``generator`` or given as ``noise`` (B, K, H, W); the global RNG is never touched.
     ``order="activity"`` re-ranks the parts by ``activity``, descending (stable).
-    ``check_finite=True`` rejects NaN/Inf input and finite input whose norms overflow the
-    accumulation dtype (this synchronises with the device; under torch.compile it is an
-    in-graph assertion).
+    ``check_finite=True`` rejects NaN/Inf input (``features`` and ``noise``) and finite input
+    whose norms overflow the accumulation dtype (this synchronises with the device; under
+    torch.compile it is an in-graph assertion). Without it, a NaN in ``noise`` seeds its part
+    there (``argmax`` ranks NaN above every number).
     """
     check.check_features("features", features, "BCHW")
     options = check.make_options(
@@ -116,6 +117,8 @@ def run(features: torch.Tensor, options: check.Options, *, generator=None, noise
     check.check_random_source(options.seeds, generator, noise, (B, K, *spatial), features.device)
     if options.check_finite:
         check.check_finite(name, features)
+        if noise is not None:  # argmax would seed the part at a NaN
+            check.check_finite("noise", noise)
     backend = resolve_backend(options.backend, features.device)
 
     if options.seeds == "random":

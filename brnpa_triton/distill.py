@@ -3,9 +3,13 @@ the low-resolution teacher."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from brnpa_triton import _validation as check
 
 __all__ = ["distillation_loss", "DistillationLoss", "tempered_kl"]
 
@@ -25,22 +29,84 @@ def distillation_loss(
     Computed in float32 at least (half-precision logits are upcast); returns a scalar. The KL term
     is evaluated by :func:`tempered_kl`, which stays accurate at large temperatures and accepts
     masked (``-inf``) teacher logits.
+
+    An empty batch (B = 0) is rejected, where torch's own mean-reduced losses return NaN: a
+    mean over no rows has no value, and a NaN (or a made-up 0) loss would let an empty loader
+    or a mask that dropped every row train on silently.
     """
+    _check_logits(student_logits, teacher_logits)
+    alpha, temperature = _check_weights(alpha, temperature)
+    _check_target(target, student_logits.shape, student_logits.device)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    s = student_logits.to(dtype)
+    t = teacher_logits.detach().to(dtype)
+    kl = tempered_kl(s, t, temperature).mean()
+    ce = F.cross_entropy(s, target.to(dtype) if target.is_floating_point() else target.long())
+    return alpha * temperature**2 * kl + (1.0 - alpha) * ce
+
+
+def _check_logits(student_logits, teacher_logits) -> None:
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a floating-point torch.Tensor (B, classes); got {type(t).__name__}")
+        check.check_dense(name, t)
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor (B, classes); got {t.dtype}")
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
         raise ValueError(
             "student_logits and teacher_logits must both be (B, classes); got "
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         )
+    if student_logits.numel() == 0:
+        raise ValueError(
+            "student_logits and teacher_logits must have B >= 1 rows and at least one class (the loss is a "
+            f"mean over the batch: an empty batch has none); got shape {tuple(student_logits.shape)}"
+        )
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(
+            f"teacher_logits must be on student_logits' device ({student_logits.device}); got {teacher_logits.device}"
+        )
+
+
+def _check_temperature(temperature) -> float:
+    temperature = check.as_float("temperature", temperature)
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite float > 0; got {temperature}")
+    return temperature
+
+
+def _check_weights(alpha, temperature) -> tuple[float, float]:
+    alpha = check.as_float("alpha", alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}")
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    s = student_logits.to(dtype)
-    t = teacher_logits.detach().to(dtype)
-    kl = tempered_kl(s, t, temperature).mean()
-    ce = F.cross_entropy(s, target.to(dtype) if target.is_floating_point() else target)
-    return alpha * temperature**2 * kl + (1.0 - alpha) * ce
+    return alpha, _check_temperature(temperature)
+
+
+def _check_target(target, shape, device) -> None:
+    """Class indices (B,) in [0, classes), or probabilities (B, classes): what cross_entropy takes."""
+    B, classes = shape
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor; got {type(target).__name__}")
+    check.check_dense("target", target)
+    if target.device != device:
+        raise ValueError(f"target must be on the logits' device ({device}); got {target.device}")
+    if target.is_floating_point():
+        if tuple(target.shape) != (B, classes):
+            raise ValueError(f"target probabilities must have shape (B, classes) = {(B, classes)}; got "
+                             f"{tuple(target.shape)}")
+    elif target.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        if tuple(target.shape) != (B,):
+            raise ValueError(f"target class indices must have shape (B,) = ({B},); got {tuple(target.shape)}")
+        # One host read (tempered_kl reads its checks too): an index out of range would be a
+        # device-side assert on CUDA, and cross_entropy's ignore_index (-100) would drop rows.
+        if not bool(((target >= 0) & (target < classes)).all()):
+            raise ValueError(
+                f"target class indices must lie in [0, classes={classes}); got values from {int(target.min())} "
+                f"to {int(target.max())}"
+            )
+    else:
+        raise TypeError(f"target must be integer class indices (B,) or floating probabilities (B, classes); "
+                        f"got {target.dtype}")
 
 
 # Rows whose tempered logit differences stay within this range use the cancellation-free form.
@@ -61,8 +127,8 @@ def tempered_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
     nothing (not NaN). A student logit of ``-inf`` where the teacher's is finite gives ``inf``
     (the true KL). A row whose teacher logits are all ``-inf`` is not a distribution: rejected.
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}")
+    _check_logits(student_logits, teacher_logits)
+    temperature = _check_temperature(temperature)
     s, t = student_logits / temperature, teacher_logits / temperature
     support = t > float("-inf")  # classes the teacher gives a positive probability
     if not bool(support.any(dim=1).all()):
@@ -98,8 +164,7 @@ class DistillationLoss(nn.Module):
 
     def __init__(self, alpha: float = 0.5, temperature: float = 1.0) -> None:
         super().__init__()
-        self.alpha = alpha
-        self.temperature = temperature
+        self.alpha, self.temperature = _check_weights(alpha, temperature)  # fail at construction
 
     def forward(self, student_logits, teacher_logits, target):
         return distillation_loss(student_logits, teacher_logits, target, self.alpha, self.temperature)

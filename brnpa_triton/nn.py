@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -103,7 +104,19 @@ def _check_input(features) -> None:
             f"shape {tuple(features.shape)}"
         )
     else:
-        raise TypeError(f"features must be a torch.Tensor; got {type(features).__name__}")
+        hint = " (convert it with torch.from_numpy(features))" if isinstance(features, np.ndarray) else ""
+        raise TypeError(f"features must be a torch.Tensor; got {type(features).__name__}{hint}")
+
+
+def _check_channels(module: str, expected: int, features: torch.Tensor) -> None:
+    """The channel count of checked ``features`` against the module's (C of (B, C, H, W) or (B, N, C))."""
+    channels = features.shape[1] if features.dim() == 4 else features.shape[-1]
+    if channels != expected:
+        layout = "(B, C, H, W) features" if features.dim() == 4 else "(B, N, C) tokens"
+        raise ValueError(
+            f"{module} expects {expected} channels; got {layout} of shape {tuple(features.shape)} "
+            f"({channels} channels)"
+        )
 
 
 class BRNPAHead(nn.Module):
@@ -144,14 +157,9 @@ class BRNPAHead(nn.Module):
         return self.pool.num_parts
 
     def forward(self, features, *, return_output: bool = False, generator=None, noise=None):
+        return_output = check.as_bool("return_output", return_output)
         _check_input(features)
-        channels = features.shape[1] if features.dim() == 4 else features.shape[-1]
-        if channels != self.in_channels:
-            layout = "(B, C, H, W) features" if features.dim() == 4 else "(B, N, C) tokens"
-            raise ValueError(
-                f"BRNPAHead expects {self.in_channels} channels; got {layout} of shape {tuple(features.shape)} "
-                f"({channels} channels)"
-            )
+        _check_channels("BRNPAHead", self.in_channels, features)
         out = self.pool(features, generator=generator, noise=noise)
         logits = self.fc(self.dropout(rearrange(out.vectors, "b k c -> b (k c)")))
         return (logits, out) if return_output else logits
@@ -227,14 +235,14 @@ class BilinearAttentionPooling(nn.Module):
         variant: str = "1x1",
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("num_maps", num_maps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-        if variant not in ("1x1", "authors"):
-            raise ValueError(f"variant must be '1x1' or 'authors'; got {variant!r}")
+        in_channels = check.as_int("in_channels", in_channels, minimum=1)
+        num_maps = check.as_int("num_maps", num_maps, minimum=1)
+        check.check_choice("variant", variant, ("1x1", "authors"))
+        if attention is not None and not isinstance(attention, nn.Module):
+            raise TypeError(f"attention must be a torch.nn.Module or None; got {type(attention).__name__}")
         self.in_channels = in_channels
         self.num_maps = num_maps
-        self.wsdan_normalize = wsdan_normalize
+        self.wsdan_normalize = check.as_bool("wsdan_normalize", wsdan_normalize)
         self.variant = variant
         if attention is not None:
             self.attention = attention
@@ -249,7 +257,14 @@ class BilinearAttentionPooling(nn.Module):
 
     def _maps(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() == 4:
-            return self.attention(features)[:, : self.num_maps]
+            maps = self.attention(features)
+            if not isinstance(maps, torch.Tensor) or maps.dim() != 4 or maps.shape[1] < self.num_maps:
+                got = f"shape {tuple(maps.shape)}" if isinstance(maps, torch.Tensor) else type(maps).__name__
+                raise ValueError(
+                    f"attention must map (B, C, H, W) features to (B, M', H, W) maps with M' >= "
+                    f"num_maps={self.num_maps}; got {got}"
+                )
+            return maps[:, : self.num_maps]
         if self.variant == "authors":
             raise ValueError(
                 "variant='authors' needs feature maps (B, C, H, W), not tokens (its 3x3 convs need a grid)"
@@ -261,10 +276,8 @@ class BilinearAttentionPooling(nn.Module):
         return rearrange(F.relu(F.linear(features, weight, conv.bias)), "b n m -> b m n")
 
     def forward(self, features: torch.Tensor) -> BilinearAttentionOutput:
-        if features.dim() not in (3, 4):
-            raise ValueError(
-                f"features must be (B, C, H, W) feature maps or (B, N, C) tokens; got shape {tuple(features.shape)}"
-            )
+        _check_input(features)
+        _check_channels("BilinearAttentionPooling", self.in_channels, features)
         maps = self._maps(features)
         if features.dim() == 4:
             x, a = rearrange(features, "b c h w -> b c (h w)"), rearrange(maps, "b m h w -> b m (h w)")

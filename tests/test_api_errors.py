@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,3 +91,72 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
 def test_module_rejects_bad_options_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         bt.BRNPAPool(3, **kwargs)
+
+
+def _noise_with(value, shape=(2, 2, 4, 4), at=(0, 1, 2, 3)):
+    noise = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    noise[at] = value
+    return noise
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_check_finite_rejects_non_finite_noise(backend, value):
+    with pytest.raises(ValueError, match=r"noise must be finite \(check_finite=True\); got NaN or Inf values"):
+        bt.brnpa(F, 2, seeds="random", noise=_noise_with(value), backend=backend, check_finite=True)
+    tokens = F.flatten(2).transpose(1, 2)
+    with pytest.raises(ValueError, match=r"noise must be finite \(check_finite=True\)"):
+        bt.brnpa_tokens(tokens, 2, seeds="random", noise=_noise_with(value, (2, 2, 16), (1, 0, 5)), backend=backend,
+                        check_finite=True)
+    with pytest.raises(ValueError, match=r"noise must be finite \(check_finite=True\)"):
+        bt.BRNPAPool(2, seeds="random", backend=backend, check_finite=True)(F, noise=_noise_with(value))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_noise_without_check_finite_seeds_its_part_there(backend):
+    # Documented: argmax ranks NaN above every number, so part 1 of image 0 is seeded at the NaN.
+    noise = _noise_with(float("nan"))
+    out = bt.brnpa(F, 2, seeds="random", noise=noise, backend=backend)
+    assert out.indices[0, 1] == 2 * 4 + 3
+    assert torch.equal(out.indices, torch.nan_to_num(noise, nan=2.0).flatten(2).argmax(2))
+    assert torch.isfinite(out.vectors).all() and torch.isfinite(out.maps).all()
+
+
+SPARSE = F.to_sparse()
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: bt.brnpa(SPARSE, 2), r"features must be a dense \(strided\) tensor; got layout torch.sparse_coo"),
+        (lambda: bt.brnpa(F.to_sparse(2), 2), r"features must be a dense \(strided\) tensor"),  # hybrid
+        (lambda: bt.BRNPAPool(2)(F.flatten(2).to_sparse()), r"tokens must be a dense \(strided\) tensor"),
+        (lambda: bt.brnpa_tokens(F.flatten(2).to_sparse(), 2), r"tokens must be a dense \(strided\) tensor"),
+        (lambda: bt.BRNPAPool(2)(SPARSE), r"features must be a dense \(strided\) tensor.*to_dense\(\)"),
+        (lambda: bt.BRNPAHead(3, 5, 2)(SPARSE), r"features must be a dense \(strided\) tensor"),
+        (
+            lambda: bt.brnpa(F, 2, seeds="random", noise=torch.rand(2, 2, 4, 4).to_sparse()),
+            r"noise must be a dense \(strided\) tensor; got layout torch.sparse_coo",
+        ),
+    ],
+)
+def test_non_strided_layouts_are_refused_naming_the_argument(call, message):
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
+def test_numpy_arrays_get_told_how_to_convert():
+    noise = np.random.default_rng(0).random((2, 2, 4, 4))
+    with pytest.raises(
+        TypeError,
+        match=r"noise must be a floating-point torch.Tensor; got a numpy.ndarray of dtype float64: "
+        r"convert it with torch.from_numpy\(noise\)",
+    ):
+        bt.brnpa(F, 2, seeds="random", noise=noise)
+    with pytest.raises(TypeError, match=r"noise must be a floating-point torch.Tensor; got list"):
+        bt.brnpa(F, 2, seeds="random", noise=noise.tolist())
+    with pytest.raises(TypeError, match=r"features must be a torch.Tensor .*; got ndarray \(convert it with "
+                                        r"torch.from_numpy\(features\)\)"):
+        bt.brnpa(F.numpy(), 2)
+    with pytest.raises(TypeError, match=r"tokens must be a torch.Tensor .*torch.from_numpy\(tokens\)"):
+        bt.brnpa_tokens(F[0].numpy(), 2)

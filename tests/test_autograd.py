@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -102,28 +104,43 @@ def test_compiled_training_step_has_no_graph_break():
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_norms_are_the_callers_to_edit_for_every_dtype(dtype):
-    f = random_features(2, 4, 3, 3, seed=21, dtype=dtype).requires_grad_()
-    out = bt.brnpa(f, 2)
-    g = torch.randn(out.vectors.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-    (expected,) = torch.autograd.grad((out.vectors * g).sum(), f, retain_graph=True)
-    with torch.no_grad():
-        out.norms.mul_(0.0).add_(7.0)  # edit the user's copy in place
-    (grad,) = torch.autograd.grad((out.vectors * g).sum(), f)
+FIELDS = ("vectors", "maps", "indices", "activity", "norms")
+# Interpreted kernels are slow: the triton backend runs one 32-bit and one 16-bit dtype.
+EDIT_DTYPES = {"torch": DTYPES, "triton": (torch.float32, torch.float16)}
+
+
+def _edit_cases():
+    for backend, dtypes in EDIT_DTYPES.items():
+        for field in FIELDS:
+            for dtype in dtypes:
+                for mode in ("no_grad", "grad"):
+                    marks = []
+                    if (backend, field, mode) == ("torch", "activity", "grad") and dtype.itemsize >= 4:
+                        # In float32/float64 the PyTorch path returns activity as one of several
+                        # views of one tensor, which autograd forbids editing in place.
+                        marks = [pytest.mark.xfail(strict=True, raises=RuntimeError,
+                                                   reason="fixed in torch_impl by the torchpath branch")]
+                    yield pytest.param(backend, field, dtype, mode, marks=marks,
+                                       id=f"{backend}-{field}-{str(dtype)[6:]}-{mode}")
+
+
+@pytest.mark.parametrize("backend, field, dtype, mode", list(_edit_cases()))
+def test_every_output_is_the_callers_to_edit_in_place(backend, field, dtype, mode):
+    """Editing any returned tensor in place after the forward (under no_grad, or recorded by
+    autograd) leaves the gradients as they were: the backward reads its own copies."""
+    f = random_features(1, 4, 3, 3, seed=21, dtype=dtype).requires_grad_()
+    out = bt.brnpa(f, 2, backend=backend)
+    weights = torch.Generator().manual_seed(0)
+    loss = sum(
+        (getattr(out, name) * torch.randn(getattr(out, name).shape, generator=weights).to(dtype)).sum()
+        for name in ("vectors", "maps", "activity", "norms")
+    )
+    (expected,) = torch.autograd.grad(loss, f, retain_graph=True)
+    with torch.no_grad() if mode == "no_grad" else contextlib.nullcontext():
+        edited = getattr(out, field)
+        edited.add_(1) if field == "indices" else edited.mul_(0.5).add_(7.0)
+    (grad,) = torch.autograd.grad(loss, f)
     assert torch.equal(grad, expected)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("field", ["vectors", "maps"])
-def test_in_place_edits_of_saved_outputs_are_detected_for_every_dtype(dtype, field):
-    f = random_features(2, 4, 3, 3, seed=22, dtype=dtype).requires_grad_()
-    out = bt.brnpa(f, 2)
-    loss = out.vectors.sum() + out.maps.sum()
-    with torch.no_grad():
-        getattr(out, field).mul_(2.0)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        torch.autograd.grad(loss, f)
 
 
 @pytest.mark.parametrize(
@@ -158,6 +175,17 @@ def test_check_finite_compiles_into_the_graph():
     bad[0, 1, 2, 0] = float("nan")
     with pytest.raises(RuntimeError, match=r"features must be finite \(check_finite=True\)"):
         fn(bad)
+
+
+def test_check_finite_on_noise_compiles_into_the_graph():
+    torch._dynamo.reset()
+    f = torch.rand(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(2, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    fn = torch.compile(lambda x, u: bt.brnpa(x, 2, seeds="random", noise=u, check_finite=True).indices, fullgraph=True)
+    assert torch.equal(fn(f, noise), bt.brnpa(f, 2, seeds="random", noise=noise).indices)
+    noise[1, 0, 2, 1] = float("nan")
+    with pytest.raises(RuntimeError, match=r"noise must be finite \(check_finite=True\)"):
+        fn(f, noise)
 
 
 def test_random_seeds_under_compile_noise_traces_and_generator_explains_itself():

@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from brnpa_triton.distill import DistillationLoss, distillation_loss
+from brnpa_triton.distill import DistillationLoss, distillation_loss, tempered_kl
 
 
 def logits(seed, B=5, K=4, dtype=torch.float64):
@@ -56,7 +57,6 @@ def kl_float64(s, t, T):
 @pytest.mark.parametrize("T", [1.0, 20.0, 100.0])
 @pytest.mark.parametrize("gap", [1e-2, 1.0])
 def test_float32_matches_float64_at_high_temperature(T, gap):
-    from brnpa_triton.distill import tempered_kl
 
     g = torch.Generator().manual_seed(0)
     s = torch.randn(32, 200, generator=g) * 5
@@ -70,7 +70,6 @@ def test_float32_matches_float64_at_high_temperature(T, gap):
 
 
 def test_masked_teacher_logits():
-    from brnpa_triton.distill import tempered_kl
 
     g = torch.Generator().manual_seed(1)
     s = torch.randn(8, 10, generator=g)
@@ -93,3 +92,63 @@ def test_masked_teacher_logits():
     assert tempered_kl(s2, s, 2.0)[1] == float("inf")
     with pytest.raises(ValueError, match="teacher_logits"):
         tempered_kl(s, torch.full_like(s, float("-inf")), 1.0)
+
+
+def test_empty_batch_is_refused_not_nan():
+    # torch's mean-reduced losses give NaN here; a clear error instead (see the docstring).
+    empty = torch.zeros(0, 4)
+    with pytest.raises(ValueError, match=r"B >= 1 rows .* an empty batch has none\); got shape \(0, 4\)"):
+        distillation_loss(empty, empty, torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"got shape \(0, 4\)"):
+        DistillationLoss()(empty, empty, torch.zeros(0, 4))
+    with pytest.raises(ValueError, match=r"got shape \(3, 0\)"):
+        tempered_kl(torch.zeros(3, 0), torch.zeros(3, 0))
+
+
+Y = torch.tensor([0, 3, 1, 2, 2])
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: distillation_loss(logits(0), logits(1), Y, alpha="0.5"), TypeError, r"alpha must be a float; got str"),
+        (lambda: distillation_loss(logits(0), logits(1), Y, alpha=True), TypeError, r"alpha must be a float; got bool"),
+        (lambda: distillation_loss(logits(0), logits(1), Y, alpha=float("nan")), ValueError,
+         r"alpha must be in \[0, 1\]; got nan"),
+        (lambda: distillation_loss(logits(0), logits(1), Y, temperature=float("inf")), ValueError,
+         r"temperature must be a finite float > 0; got inf"),
+        (lambda: distillation_loss(logits(0), logits(1), Y, temperature=None), TypeError,
+         r"temperature must be a float; got NoneType"),
+        (lambda: DistillationLoss(alpha=2.0), ValueError, r"alpha must be in \[0, 1\]; got 2.0"),
+        (lambda: DistillationLoss(temperature=-1), ValueError, r"temperature must be a finite float > 0; got -1.0"),
+        (lambda: tempered_kl(logits(0), logits(1), float("nan")), ValueError, r"temperature must be a finite float"),
+        (lambda: distillation_loss(logits(0).numpy(), logits(1), Y), TypeError,
+         r"student_logits must be a floating-point torch.Tensor \(B, classes\); got ndarray"),
+        (lambda: distillation_loss(logits(0), logits(1).long(), Y), TypeError,
+         r"teacher_logits must be a floating-point torch.Tensor \(B, classes\); got torch.int64"),
+        (lambda: distillation_loss(logits(0).to_sparse(), logits(1), Y), TypeError,
+         r"student_logits must be a dense \(strided\) tensor"),
+        (lambda: distillation_loss(logits(0), logits(1), Y[:4]), ValueError,
+         r"target class indices must have shape \(B,\) = \(5,\); got \(4,\)"),
+        (lambda: distillation_loss(logits(0), logits(1), Y + 2), ValueError,
+         r"target class indices must lie in \[0, classes=4\); got values from 2 to 5"),
+        (lambda: distillation_loss(logits(0), logits(1), torch.full((5,), -100)), ValueError,
+         r"target class indices must lie in \[0, classes=4\); got values from -100 to -100"),
+        (lambda: distillation_loss(logits(0), logits(1), torch.rand(5, 3)), ValueError,
+         r"target probabilities must have shape \(B, classes\) = \(5, 4\); got \(5, 3\)"),
+        (lambda: distillation_loss(logits(0), logits(1), Y > 1), TypeError,
+         r"target must be integer class indices \(B,\) or floating probabilities \(B, classes\); got torch.bool"),
+        (lambda: distillation_loss(logits(0), logits(1), Y.tolist()), TypeError,
+         r"target must be a torch.Tensor; got list"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_numpy_numbers_and_small_integer_targets_are_accepted():
+    s, t = logits(0), logits(1)
+    expected = distillation_loss(s, t, Y, 0.25, 2.0)
+    torch.testing.assert_close(distillation_loss(s, t, Y.int(), np.float32(0.25), np.int64(2)), expected)
+    assert DistillationLoss(np.float64(0.25), 2).temperature == 2.0

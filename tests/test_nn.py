@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -109,3 +110,61 @@ def test_bilinear_attention_wsdan_normalisation():
     z = torch.zeros(1, 6, 3, 3, dtype=torch.float64, requires_grad=True)
     bap(z).vectors.sum().backward()
     assert torch.isfinite(z.grad).all()
+
+
+def test_bilinear_attention_pooling_takes_integers_and_flags_as_the_other_modules_do():
+    bap = BilinearAttentionPooling(np.int64(6), torch.tensor(3), wsdan_normalize=np.bool_(True))
+    assert (bap.in_channels, bap.num_maps, bap.wsdan_normalize) == (6, 3, True)
+    assert isinstance(bap.in_channels, int) and isinstance(bap.num_maps, int) and bap.wsdan_normalize is True
+    assert bap(feats().float()).vectors.shape == (2, 3, 6)
+
+
+@pytest.mark.parametrize(
+    "build, error, message",
+    [
+        (lambda: BilinearAttentionPooling(6, 3, wsdan_normalize="yes"), TypeError,
+         r"wsdan_normalize must be True or False; got str 'yes'"),
+        (lambda: BilinearAttentionPooling(6, 3, wsdan_normalize=1), TypeError, r"wsdan_normalize must be True or"),
+        (lambda: BilinearAttentionPooling(6.0, 3), TypeError, r"in_channels must be an int; got float 6.0"),
+        (lambda: BilinearAttentionPooling(True, 3), TypeError, r"in_channels must be an int; got bool"),
+        (lambda: BilinearAttentionPooling(6, 0), ValueError, r"num_maps must be an int >= 1; got 0"),
+        (lambda: BilinearAttentionPooling(6, 3, variant=None), ValueError, r"variant must be one of '1x1', 'authors'"),
+        (lambda: BilinearAttentionPooling(6, 3, attention=lambda x: x), TypeError,
+         r"attention must be a torch.nn.Module or None; got function"),
+    ],
+)
+def test_bilinear_attention_pooling_refuses_bad_options(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+@pytest.mark.parametrize(
+    "features, error, message",
+    [
+        (torch.rand(2, 5, 7), ValueError,
+         r"BilinearAttentionPooling expects 6 channels; got \(B, N, C\) tokens of shape \(2, 5, 7\) \(7 channels\)"),
+        (torch.rand(2, 7, 3, 3), ValueError,
+         r"BilinearAttentionPooling expects 6 channels; got \(B, C, H, W\) features of shape \(2, 7, 3, 3\)"),
+        (torch.rand(2, 6, 0, 3), ValueError, r"features must have no empty dimension; got .* \(H=0\)"),
+        (torch.rand(2, 0, 6), ValueError, r"tokens must have no empty dimension"),
+        (torch.rand(2, 6), ValueError, r"features must be \(B, C, H, W\) feature maps or \(B, N, C\) tokens"),
+        (torch.rand(2, 6, 3, 3).to_sparse(), TypeError, r"features must be a dense \(strided\) tensor"),
+        (np.zeros((2, 6, 3, 3), dtype=np.float32), TypeError, r"features must be a torch.Tensor; got ndarray"),
+        (torch.ones(2, 6, 3, 3, dtype=torch.int64), TypeError, r"features must be float16, bfloat16, float32 or"),
+    ],
+)
+def test_bilinear_attention_pooling_input_errors_say_what_is_wrong(features, error, message):
+    with pytest.raises(error, match=message):
+        BilinearAttentionPooling(6, 3)(features)
+
+
+def test_bilinear_attention_pooling_needs_num_maps_maps_from_a_custom_attention():
+    bap = BilinearAttentionPooling(6, 4, attention=nn.Conv2d(6, 2, 1))
+    with pytest.raises(ValueError, match=r"attention must map .* to \(B, M', H, W\) maps with M' >= num_maps=4; "
+                                         r"got shape \(2, 2, 5, 4\)"):
+        bap(feats().float())
+
+
+def test_head_return_output_is_a_flag():
+    with pytest.raises(TypeError, match=r"return_output must be True or False; got str 'yes'"):
+        BRNPAHead(6, 3, 2)(feats().float(), return_output="yes")

@@ -30,7 +30,9 @@ def _unfold(t: torch.Tensor, size: int) -> torch.Tensor:
 def _setup_context(ctx, inputs, output):
     x, _, refine, _, _, backend = inputs
     vectors, maps, indices, _, _, saved_norms, inv_sums = output
-    ctx.save_for_backward(x, vectors, maps, indices, saved_norms, inv_sums)
+    # Every output is the caller's to edit in place: the backward keeps its own copies of the
+    # per-part outputs it reads (K * (C + N + 1) values per image, small next to x's C * N).
+    ctx.save_for_backward(x, vectors.clone(), maps.clone(), indices.clone(), saved_norms, inv_sums)
     ctx.refine, ctx.backend = refine, backend
     ctx.mark_non_differentiable(indices, saved_norms, inv_sums)
 

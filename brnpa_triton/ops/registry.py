@@ -11,9 +11,12 @@ backward op, so ``torch.compile(fullgraph=True)`` sees two opaque ops and never 
 the kernels. Each op runs the implementation named by ``backend`` ("torch": vectorised
 PyTorch, "triton": the fused kernels); the public API resolves "auto" before the call.
 
-The ops are public, so they check their arguments themselves: whatever indices they are
-given, no kernel reads or writes out of bounds. Seed indices are range-checked on the host
-for CPU tensors and with ``torch._assert_async`` on CUDA (no host synchronisation).
+The ops are public, so they check their arguments themselves, once, here: every tensor
+must be dense and on x's device, of the shape the forward gives it; floating tensors of
+another dtype are cast to the dtype both backends read them in (``_backward``). Whatever
+indices they are given, no kernel reads or writes out of bounds: seed indices and the
+backward's indices are range-checked on the host for CPU tensors and with
+``torch._assert_async`` on CUDA (no host synchronisation).
 """
 
 from __future__ import annotations
@@ -23,27 +26,36 @@ import sys
 
 import torch
 
-from brnpa_triton.dispatch import TRITON_MISSING, triton_installed
+from brnpa_triton.dispatch import resolve_backend
 from brnpa_triton.ops import torch_impl
 from brnpa_triton.ops.common import SUPPORTED_DTYPES, SavedForward, accumulation_dtype
 
 OP_BACKENDS = ("torch", "triton")
 
 
-def _implementation(backend: str):
+def _implementation(backend: str, device: torch.device):
     """The backend module; triton's is imported lazily (triton is optional on CPU installs)."""
-    if backend not in OP_BACKENDS:
+    if not isinstance(backend, str) or backend not in OP_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, OP_BACKENDS))}; got {backend!r}")
     if backend == "triton":
-        if not triton_installed():
-            raise RuntimeError(TRITON_MISSING)
+        resolve_backend(backend, device)  # triton installed, and CUDA tensors or the interpreter
         from brnpa_triton.ops import triton_impl
 
         return triton_impl
     return torch_impl
 
 
+def _check_dense(name: str, t: torch.Tensor, device: torch.device) -> None:
+    """A strided tensor on ``device`` (x's): the kernels take raw pointers and strides."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor; got layout {t.layout}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on x's device ({device}); got {t.device}")
+
+
 def _check_x(x: torch.Tensor) -> None:
+    if x.layout != torch.strided:
+        raise TypeError(f"x must be a dense (strided) tensor; got layout {x.layout}")
     if x.dim() != 3:
         raise ValueError(f"x must have shape (B, C, N); got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -63,6 +75,17 @@ def _check_positions(name: str, indices: torch.Tensor, shape: tuple, N: int) -> 
         torch._assert_async(((indices >= 0) & (indices < N)).all(), message)
     elif indices.numel() and not bool(((indices >= 0) & (indices < N)).all()):
         raise ValueError(f"{message}; got values from {int(indices.min())} to {int(indices.max())}")
+
+
+def _as_dtype(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A floating tensor of ``shape`` on x's device, cast to ``dtype``: the one dtype each
+    backend reads it in (the kernels take typed pointers; the PyTorch path would cast it too)."""
+    _check_dense(name, t, device)
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (it is cast to {dtype}); got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(t.shape)}")
+    return t.to(dtype)
 
 
 _LIBRARY = torch.library.Library("brnpa_triton", "DEF")
@@ -120,11 +143,12 @@ def _forward(
     dtype (float32, or float64), the rest in x's dtype. ``by_activity`` ranks the parts by
     activity, descending (stable).
     """
-    impl = _implementation(backend)
     _check_x(x)
+    impl = _implementation(backend, x.device)
     B, _, N = x.shape
     if not 1 <= num_parts <= N:
         raise ValueError(f"num_parts must be between 1 and N={N}; got {num_parts}")
+    _check_dense("seed_indices", seed_indices, x.device)
     seeds = None
     if seed_indices.numel():
         _check_positions("seed_indices", seed_indices, (B, num_parts), N)
@@ -132,8 +156,11 @@ def _forward(
     return tuple(impl.forward(x, num_parts, refine, seeds, by_activity))
 
 
+# The fake kernels check devices and layouts too: a call mixing meta tensors with real ones is
+# dispatched to them, and must not return an uninitialised tensor on x's device.
 @torch.library.register_fake("brnpa_triton::forward")
 def _(x, num_parts, refine, seed_indices, by_activity, backend):
+    _check_dense("seed_indices", seed_indices, x.device)
     B, C, N = x.shape
     K = num_parts
     acc = accumulation_dtype(x.dtype)
@@ -166,33 +193,47 @@ def _backward(
     """dL/dx for ``brnpa_triton::forward``, in x's dtype and shape (B, C, N).
 
     The gradients of outputs that did not reach the loss may be None; ``norms`` are the
-    forward's ``saved_norms``.
+    forward's ``saved_norms``. Every tensor must be dense and on x's device; floating tensors
+    of another dtype are cast, as the forward would have made them: the gradients, ``vectors``
+    and ``maps`` to x's dtype, ``norms`` and ``inv_sums`` to the accumulation dtype. So both
+    backends take the same inputs and read them in the same dtype.
     """
-    impl = _implementation(backend)
     _check_x(x)
+    impl = _implementation(backend, x.device)
     B, C, N = x.shape
-    K = indices.shape[-1] if indices.dim() == 2 else -1
-    _check_positions("indices", indices, (B, max(K, 0)), N)
-    expected = {"vectors": (B, K, C), "maps": (B, K, N), "norms": (B, N), "inv_sums": (B, K)}
-    for name, t in (("vectors", vectors), ("maps", maps), ("norms", norms), ("inv_sums", inv_sums)):
-        if tuple(t.shape) != expected[name]:
-            raise ValueError(f"{name} must have shape {expected[name]}; got {tuple(t.shape)}")
-    grads = {
-        "grad_vectors": grad_vectors,
-        "grad_maps": grad_maps,
-        "grad_activity": grad_activity,
-        "grad_norms": grad_norms,
-    }
-    grad_shapes = {"grad_vectors": (B, K, C), "grad_maps": (B, K, N), "grad_activity": (B, K), "grad_norms": (B, N)}
-    for name, g in grads.items():
-        if g is not None and tuple(g.shape) != grad_shapes[name]:
-            raise ValueError(f"{name} must have shape {grad_shapes[name]}; got {tuple(g.shape)}")
+    _check_dense("indices", indices, x.device)
+    K = indices.shape[1] if indices.dim() == 2 else 0
+    if indices.dim() != 2 or not 1 <= K <= N:
+        raise ValueError(
+            f"indices must have shape (B={B}, K) with 1 <= K <= N={N}, as the forward returns them; "
+            f"got {tuple(indices.shape)}"
+        )
+    _check_positions("indices", indices, (B, K), N)
+    acc = accumulation_dtype(x.dtype)
+    vectors = _as_dtype("vectors", vectors, (B, K, C), x.dtype, x.device)
+    maps = _as_dtype("maps", maps, (B, K, N), x.dtype, x.device)
+    norms = _as_dtype("norms", norms, (B, N), acc, x.device)
+    inv_sums = _as_dtype("inv_sums", inv_sums, (B, K), acc, x.device)
+    grads = [
+        None if g is None else _as_dtype(name, g, shape, x.dtype, x.device)
+        for name, g, shape in (
+            ("grad_vectors", grad_vectors, (B, K, C)),
+            ("grad_maps", grad_maps, (B, K, N)),
+            ("grad_activity", grad_activity, (B, K)),
+            ("grad_norms", grad_norms, (B, N)),
+        )
+    ]
     saved = SavedForward(vectors, maps, indices, norms, inv_sums)
-    return impl.backward(x, grad_vectors, grad_maps, grad_activity, grad_norms, saved, refine)
+    return impl.backward(x, *grads, saved, refine)
 
 
 @torch.library.register_fake("brnpa_triton::backward")
 def _(x, grad_vectors, grad_maps, grad_activity, grad_norms, vectors, maps, indices, norms, inv_sums, refine, backend):
+    named = dict(grad_vectors=grad_vectors, grad_maps=grad_maps, grad_activity=grad_activity, grad_norms=grad_norms,
+                 vectors=vectors, maps=maps, indices=indices, norms=norms, inv_sums=inv_sums)
+    for name, t in named.items():
+        if t is not None:
+            _check_dense(name, t, x.device)
     return torch.empty_like(x)
 
 
