@@ -18,6 +18,7 @@ from torch import nn
 
 from brnpa_triton._validation import as_int
 from brnpa_triton.api import BRNPAOutput
+from brnpa_triton.metrics import nearest_cells
 
 __all__ = [
     "saliency",
@@ -73,16 +74,20 @@ def _part_index(value, parts) -> int:
 def upsample(saliency: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
     """Resize (B, K, h, w) maps to ``size`` = (H, W) (or an int) in float.
 
-    ``mode="bilinear"`` (align_corners=False, the usual smooth display) or ``"nearest"`` (shows the
-    feature-map cells as the metrics see them).
+    ``mode="bilinear"`` (align_corners=False, the usual smooth display) or ``"nearest"`` (each
+    pixel takes the cell nearest to its centre, :func:`brnpa_triton.metrics.nearest_cells`: the
+    feature-map cells as the library's deletion / insertion sees them).
     """
     if saliency.dim() != 4:
         raise ValueError(f"saliency must be (B, K, h, w); got shape {tuple(saliency.shape)}")
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"mode must be 'bilinear' or 'nearest'; got {mode!r}")
     size = (size, size) if isinstance(size, int) else tuple(size)
-    kwargs = {"align_corners": False} if mode == "bilinear" else {}
-    return F.interpolate(_float(saliency), size=size, mode=mode, **kwargs)
+    if mode == "nearest":
+        rows = nearest_cells(size[0], saliency.shape[2], saliency.device)
+        cols = nearest_cells(size[1], saliency.shape[3], saliency.device)
+        return _float(saliency)[:, :, rows[:, None], cols[None, :]]
+    return F.interpolate(_float(saliency), size=size, mode="bilinear", align_corners=False)
 
 
 def normalize_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
