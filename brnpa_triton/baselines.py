@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brnpa_triton.explain import grad_cam, layer_activation_and_gradient, resolve_target
+from brnpa_triton.explain import grad_cam, layer_activation, layer_activation_and_gradient, resolve_target
 
 __all__ = ["grad_cam", "grad_cam_pp", "hires_cam", "xgrad_cam", "score_cam", "rise", "BASELINES", "explain"]
 
@@ -83,7 +83,7 @@ def score_cam(
     Costs B x C forward passes, run ``batch_size`` images at a time."""
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
-    act, _, target = layer_activation_and_gradient(model, images, layer, target)
+    act, target = layer_activation(model, images, layer, target)
     B, C, h, w = act.shape
     masks = F.interpolate(act, size=images.shape[2:], mode="bilinear", align_corners=False)
     lo = masks.amin(dim=(2, 3), keepdim=True)

@@ -168,3 +168,29 @@ def test_against_captum():
     A = body2(x).detach()
     w = gxa.sum(dim=(2, 3), keepdim=True) / (A.sum(dim=(2, 3), keepdim=True) + 1e-7)
     torch.testing.assert_close(xgrad_cam(model2, x, body2, target=target), F.relu((w * A).sum(1, keepdim=True)))
+
+
+@pytest.mark.parametrize("method", sorted(BASELINES))
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_every_method_works_without_autograd_around_it(method, context):
+    model, body = gap_model()
+    x = images(B=2)
+    options = {"masks": rise_masks(6, x.shape[2:], grid=2, generator=torch.Generator().manual_seed(0))}
+    options = options if method == "rise" else {}
+    expected = explain(method, model, x, body, **options)
+    with context():
+        got = explain(method, model, x, body, **options)
+        inference_images = x.clone()  # an inference tensor under inference_mode
+        again = explain(method, model, inference_images, body, **options)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(again, expected)
+    assert not any(p.grad is not None for p in model.parameters())
+
+
+def test_gradient_methods_name_a_model_made_under_inference_mode():
+    with torch.inference_mode():
+        model, body = gap_model()
+    for method in ("gradcam", "gradcam++", "hirescam", "xgradcam"):
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            explain(method, model, images(B=2), body)
+    assert explain("scorecam", model, images(B=2), body).shape == (2, 1, 5, 6)  # forward passes only
