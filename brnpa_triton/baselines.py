@@ -92,8 +92,11 @@ def score_cam(
     ``baseline``: ``"zeros"`` (default: the image an all-zero mask leaves), a tensor broadcastable
     to ``images``, or None for no subtraction (``w_c`` = the masked probability, as the authors'
     released code does). The subtraction matters: ``sum_c p_b A_c`` is the plain sum of the
-    channels, which points at whatever activates the layer most, evidence or not. Costs
-    B x (C + 1) forward passes, run ``batch_size`` images at a time."""
+    channels, which points at whatever activates the layer most, evidence or not. Where no single
+    channel's mask keeps enough of the object for the model, every masked score stays near the
+    baseline's and the weights carry little evidence: the map is then unreliable (the demo shows
+    it varying from one trained model to the next). Costs B x (C + 1) forward passes, run
+    ``batch_size`` images at a time."""
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
     act, target = layer_activation(model, images, layer, target)
