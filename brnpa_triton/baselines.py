@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brnpa_triton.explain import grad_cam, layer_activation_and_gradient, resolve_target
+from brnpa_triton.explain import grad_cam, layer_activation, layer_activation_and_gradient, resolve_target
 
 __all__ = ["grad_cam", "grad_cam_pp", "hires_cam", "xgrad_cam", "score_cam", "rise", "BASELINES", "explain"]
 
@@ -75,15 +75,31 @@ def _probabilities(model, images: torch.Tensor, target: torch.Tensor) -> torch.T
 
 @torch.no_grad()
 def score_cam(
-    model: nn.Module, images: torch.Tensor, layer: nn.Module, target=None, *, relu: bool = True, batch_size: int = 256
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: nn.Module,
+    target=None,
+    *,
+    relu: bool = True,
+    baseline: str | torch.Tensor | None = "zeros",
+    batch_size: int = 256,
 ) -> torch.Tensor:
     """Score-CAM (Wang et al. 2020): each channel A_c, upsampled bilinearly to the image and min-max
     normalised to [0, 1] (a constant channel gives a zero mask), masks the image; its weight is the
-    softmax probability of ``target`` on that masked image. ``cam = ReLU(sum_c w_c A_c)``.
-    Costs B x C forward passes, run ``batch_size`` images at a time."""
+    paper's increase of confidence, ``w_c = p(target | image * mask_c) - p(target | baseline)``
+    (softmax probabilities), and ``cam = ReLU(sum_c w_c A_c)``.
+
+    ``baseline``: ``"zeros"`` (default: the image an all-zero mask leaves), a tensor broadcastable
+    to ``images``, or None for no subtraction (``w_c`` = the masked probability, as the authors'
+    released code does). The subtraction matters: ``sum_c p_b A_c`` is the plain sum of the
+    channels, which points at whatever activates the layer most, evidence or not. Where no single
+    channel's mask keeps enough of the object for the model, every masked score stays near the
+    baseline's and the weights carry little evidence: the map is then unreliable (the demo shows
+    it varying from one trained model to the next). Costs B x (C + 1) forward passes, run
+    ``batch_size`` images at a time."""
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
-    act, _, target = layer_activation_and_gradient(model, images, layer, target)
+    act, target = layer_activation(model, images, layer, target)
     B, C, h, w = act.shape
     masks = F.interpolate(act, size=images.shape[2:], mode="bilinear", align_corners=False)
     lo = masks.amin(dim=(2, 3), keepdim=True)
@@ -97,8 +113,33 @@ def score_cam(
         b, c = flat // C, flat % C
         masked = images[b] * masks[b, c].unsqueeze(1).to(images.dtype)
         weights[start : start + len(flat)] = _probabilities(model, masked, target[b]).to(act.dtype)
+    weights = weights.view(B, C) - _baseline_probabilities(model, images, target, baseline, batch_size).to(act.dtype)
     cam = (weights.view(B, C, 1, 1) * act).sum(dim=1, keepdim=True)
     return _finish(cam, relu)
+
+
+def _baseline_probabilities(model, images: torch.Tensor, target: torch.Tensor, baseline, batch_size: int):
+    """(B, 1) probability of each image's target on the baseline image (zeros when ``baseline`` is None)."""
+    if baseline is None:
+        return torch.zeros(len(images), 1, device=images.device)
+    if isinstance(baseline, str):
+        if baseline != "zeros":
+            raise ValueError(f"baseline must be 'zeros', a tensor or None; got {baseline!r}")
+        base = torch.zeros_like(images)
+    elif isinstance(baseline, torch.Tensor):
+        try:
+            base = baseline.to(device=images.device, dtype=images.dtype).expand_as(images)
+        except RuntimeError:
+            raise ValueError(
+                f"baseline must broadcast to the images {tuple(images.shape)}; got shape {tuple(baseline.shape)}"
+            ) from None
+    else:
+        raise TypeError(f"baseline must be 'zeros', a tensor or None; got {type(baseline).__name__}")
+    probs = [
+        _probabilities(model, base[i : i + batch_size], target[i : i + batch_size])
+        for i in range(0, len(base), batch_size)
+    ]
+    return torch.cat(probs)[:, None]
 
 
 def rise_masks(

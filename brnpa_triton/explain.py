@@ -18,6 +18,7 @@ from torch import nn
 
 from brnpa_triton._validation import as_int
 from brnpa_triton.api import BRNPAOutput
+from brnpa_triton.metrics import nearest_cells
 
 __all__ = [
     "saliency",
@@ -25,6 +26,7 @@ __all__ = [
     "normalize_maps",
     "grad_cam",
     "resolve_target",
+    "layer_activation",
     "layer_activation_and_gradient",
     "colormap",
     "overlay",
@@ -73,16 +75,20 @@ def _part_index(value, parts) -> int:
 def upsample(saliency: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
     """Resize (B, K, h, w) maps to ``size`` = (H, W) (or an int) in float.
 
-    ``mode="bilinear"`` (align_corners=False, the usual smooth display) or ``"nearest"`` (shows the
-    feature-map cells as the metrics see them).
+    ``mode="bilinear"`` (align_corners=False, the usual smooth display) or ``"nearest"`` (each
+    pixel takes the cell nearest to its centre, :func:`brnpa_triton.metrics.nearest_cells`: the
+    feature-map cells as the library's deletion / insertion sees them).
     """
     if saliency.dim() != 4:
         raise ValueError(f"saliency must be (B, K, h, w); got shape {tuple(saliency.shape)}")
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"mode must be 'bilinear' or 'nearest'; got {mode!r}")
     size = (size, size) if isinstance(size, int) else tuple(size)
-    kwargs = {"align_corners": False} if mode == "bilinear" else {}
-    return F.interpolate(_float(saliency), size=size, mode=mode, **kwargs)
+    if mode == "nearest":
+        rows = nearest_cells(size[0], saliency.shape[2], saliency.device)
+        cols = nearest_cells(size[1], saliency.shape[3], saliency.device)
+        return _float(saliency)[:, :, rows[:, None], cols[None, :]]
+    return F.interpolate(_float(saliency), size=size, mode="bilinear", align_corners=False)
 
 
 def normalize_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -111,39 +117,73 @@ def resolve_target(target, logits: torch.Tensor) -> torch.Tensor:
     return t.long()
 
 
-def layer_activation_and_gradient(model: nn.Module, images: torch.Tensor, layer: nn.Module, target=None):
-    """``layer``'s (B, C, h, w) output A, the gradient G of each image's ``target`` logit with
-    respect to it, and the (B,) targets, in float (float64 kept). The output is re-rooted as a
-    leaf in a forward hook, so frozen models work and no parameter's ``.grad`` is touched."""
+def _check_images(images) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() < 2 or images.shape[0] == 0:
+        raise ValueError(
+            f"images must be a non-empty batch (B, ...); got {getattr(images, 'shape', type(images).__name__)}"
+        )
+
+
+def _forward_with_layer(model: nn.Module, images: torch.Tensor, layer: nn.Module, *, as_leaf: bool):
+    """``(logits, A)``: the model's (B, classes) logits and ``layer``'s (B, C, h, w) output, taken
+    by a forward hook; ``as_leaf`` re-roots A as a leaf that requires grad (the logits then
+    depend on the layer's output only through it)."""
     store = {}
 
     def hook(_module, _inputs, output):
         if not isinstance(output, torch.Tensor) or output.dim() != 4:
             raise ValueError("layer must output a (B, C, h, w) tensor")
-        leaf = output.detach().requires_grad_(True)
-        store["act"] = leaf
-        return leaf
+        store["act"] = output.detach().requires_grad_(True) if as_leaf else output
+        return store["act"]
 
-    if not isinstance(images, torch.Tensor) or images.dim() < 2 or images.shape[0] == 0:
-        raise ValueError(
-            f"images must be a non-empty batch (B, ...); got {getattr(images, 'shape', type(images).__name__)}"
-        )
     handle = layer.register_forward_hook(hook)
     try:
-        with torch.enable_grad():
-            logits = model(images)
-            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != images.shape[0]:
-                raise ValueError(
-                    f"model must return (B, classes) logits; got {getattr(logits, 'shape', type(logits).__name__)}"
-                )
-            if "act" not in store:
-                raise ValueError("layer was not called by the model's forward")
-            target = resolve_target(target, logits.detach())
-            score = logits.gather(1, target.view(-1, 1)).sum()
-            (grads,) = torch.autograd.grad(score, store["act"])
+        logits = model(images)
     finally:
         handle.remove()
-    return _float(store["act"].detach()), _float(grads), target
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"model must return (B, classes) logits; got {getattr(logits, 'shape', type(logits).__name__)}"
+        )
+    if "act" not in store:
+        raise ValueError("layer was not called by the model's forward")
+    return logits, store["act"]
+
+
+def layer_activation(model: nn.Module, images: torch.Tensor, layer: nn.Module, target=None):
+    """``layer``'s (B, C, h, w) output A and the (B,) targets, in float (float64 kept), from one
+    forward pass without gradients (works under ``torch.inference_mode``)."""
+    _check_images(images)
+    with torch.no_grad():
+        logits, act = _forward_with_layer(model, images, layer, as_leaf=False)
+    return _float(act.detach()), resolve_target(target, logits.detach())
+
+
+def layer_activation_and_gradient(model: nn.Module, images: torch.Tensor, layer: nn.Module, target=None):
+    """``layer``'s (B, C, h, w) output A, the gradient G of each image's ``target`` logit with
+    respect to it, and the (B,) targets, in float (float64 kept). The output is re-rooted as a
+    leaf in a forward hook, so frozen models work and no parameter's ``.grad`` is touched.
+
+    Works under ``torch.no_grad`` and ``torch.inference_mode``: autograd is switched back on for
+    this call only (inference-mode images are cloned into normal tensors first). A model whose
+    own parameters or buffers were made under inference mode cannot be differentiated: that is
+    an error saying so."""
+    _check_images(images)
+    with torch.inference_mode(False), torch.enable_grad():
+        x = images.clone() if images.is_inference() else images
+        try:
+            logits, act = _forward_with_layer(model, x, layer, as_leaf=True)
+            target = resolve_target(target, logits.detach())
+            (grads,) = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), act)
+        except RuntimeError as e:
+            if "nference tensor" not in str(e):
+                raise
+            raise RuntimeError(
+                "gradient-based CAMs need autograd through the model after `layer`, but some of its parameters "
+                "or buffers are inference tensors (created or loaded under torch.inference_mode); build or load "
+                "the model outside inference mode"
+            ) from e
+    return _float(act.detach()), _float(grads), target
 
 
 def grad_cam(

@@ -20,6 +20,7 @@ __all__ = [
     "box_blur",
     "box_blur_zero_padded",
     "gaussian_blur",
+    "nearest_cells",
 ]
 
 SPARSITY_EPS = 1e-5
@@ -152,11 +153,19 @@ def gaussian_blur(images: torch.Tensor, kernel: int = 11, sigma: float = 5.0) ->
     return x.to(images.dtype)
 
 
+def nearest_cells(pixels: int, cells: int, device=None) -> torch.Tensor:
+    """(pixels,) int64: along one axis of ``pixels`` pixels covered by ``cells`` equal cells, the
+    cell that holds each pixel's centre, ``floor((i + 0.5) * cells / pixels)``, in exact integer
+    arithmetic. That is the cell whose centre is nearest; a pixel centre exactly on the border
+    between two cells (possible only when the map is finer than the image) goes to the later one
+    (below / to the right), as half-open cells ``[k, k + 1)`` do."""
+    i = torch.arange(pixels, device=device, dtype=torch.int64)
+    return ((2 * i + 1) * cells) // (2 * pixels)
+
+
 def _cell_ids(h: int, w: int, H: int, W: int, device) -> torch.Tensor:
-    """(H, W) int64: the saliency cell (row-major in the h x w grid) each pixel lies under
-    (nearest-neighbour correspondence, as ``F.interpolate(mode='nearest')``)."""
-    ids = torch.arange(h * w, device=device, dtype=torch.float32).view(1, 1, h, w)
-    return F.interpolate(ids, size=(H, W), mode="nearest")[0, 0].round().long()
+    """(H, W) int64: the saliency cell (row-major in the h x w grid) nearest to each pixel's centre."""
+    return nearest_cells(H, h, device)[:, None] * w + nearest_cells(W, w, device)[None, :]
 
 
 def _authors_cell_ids(h: int, w: int, H: int, W: int, device) -> torch.Tensor:
@@ -250,8 +259,10 @@ def deletion_insertion(
 
     - ``protocol="library"`` (default): the curve starts at the intact image (S + 1 points, x from
       0 to 1 = the fraction of units changed). ``unit="cell"``: each saliency cell is a unit and
-      the pixels mapped to it by nearest-neighbour correspondence change with it (every pixel
-      belongs to exactly one cell, whatever the sizes); ``step`` defaults to 1 cell.
+      each pixel changes with the cell nearest to its centre, i.e. the cell that holds it when the
+      cells are laid over the image as equal rectangles (7 rows on 3 cells: 0, 0, 1, 1, 1, 2, 2;
+      a centre exactly on a border goes to the later cell, see :func:`nearest_cells`); every
+      pixel belongs to exactly one cell, whatever the sizes; ``step`` defaults to 1 cell.
       ``unit="pixel"`` (RISE): the saliency is upsampled bilinearly and each pixel is a unit;
       ``step`` defaults to the image width. Ties go to the lowest index. ``"box"`` averages only
       the in-image pixels of the window and clamps the kernel to the image (:func:`box_blur`).
@@ -268,13 +279,65 @@ def deletion_insertion(
     All perturbed images of a metric are built on the fly and evaluated in batches of
     ``batch_size`` images (memory bounded), under ``torch.no_grad``. Call ``model.eval()`` first.
     """
+    metrics = _check_options(protocol, metrics, unit, softmax)
+    B, H, W = _check_images(images)
+    sal = _check_saliency(saliency, B, protocol, images.device)
+    batch_size = as_int("batch_size", batch_size, minimum=1)
+    pixel_rank, n_units, step = _pixel_ranks(sal, protocol, unit, step, H, W)
+    changed = _changed_counts(n_units, step, protocol, images.device)
+    x_del, x_ins = _x_axes(protocol, n_units, step, changed)
+    target = _resolve_target(model, images, target, batch_size)
+
+    def curve(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        return _curve(model, start, end, pixel_rank, changed, target, softmax, batch_size)
+
+    deletion = insertion = None
+    if "deletion" in metrics:
+        value = torch.as_tensor(deletion_value, dtype=images.dtype, device=images.device)
+        deletion = curve(images, value.expand_as(images))
+    if "insertion" in metrics:
+        insertion = curve(_insertion_start(images, insertion_start, protocol, blur_kernel, blur_sigma), images)
+    return DeletionInsertion(
+        (changed.double() / n_units).float(),
+        deletion,
+        insertion,
+        None if deletion is None else _auc(deletion, x_del),
+        None if insertion is None else _auc(insertion, x_ins),
+        target,
+        protocol,
+        None if deletion is None else x_del.float(),
+        None if insertion is None else x_ins.float(),
+    )
+
+
+def _check_options(protocol: str, metrics, unit: str, softmax) -> tuple[str, ...]:
+    """The options that do not depend on the tensors; returns ``metrics`` as a tuple."""
     if protocol not in ("library", "authors"):
         raise ValueError(f"protocol must be 'library' or 'authors'; got {protocol!r}")
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    if not metrics or any(m not in ("deletion", "insertion") for m in metrics):
+        raise ValueError(f"metrics must be 'deletion' and/or 'insertion'; got {metrics!r}")
+    if unit not in ("cell", "pixel"):
+        raise ValueError(f"unit must be 'cell' or 'pixel'; got {unit!r}")
+    if protocol == "authors" and unit != "cell":
+        raise ValueError("protocol='authors' works on cells only; got unit='pixel'")
+    if not isinstance(softmax, bool):
+        raise TypeError(f"softmax must be True or False; got {softmax!r}")
+    return metrics
+
+
+def _check_images(images) -> tuple[int, int, int]:
+    """(B, H, W) of a non-empty (B, C, H, W) batch."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a (B, C, H, W) tensor; got {getattr(images, 'shape', type(images).__name__)}")
     B, _, H, W = images.shape
     if B == 0 or H == 0 or W == 0:
         raise ValueError(f"images must hold at least one non-empty image; got shape {tuple(images.shape)}")
+    return B, H, W
+
+
+def _check_saliency(saliency, B: int, protocol: str, device) -> torch.Tensor:
+    """The maps as (B, h, w) float32 on ``device``, without NaN (and finite for the authors' protocol)."""
     if not isinstance(saliency, torch.Tensor):
         raise TypeError(f"saliency must be a tensor; got {type(saliency).__name__}")
     if saliency.dim() == 4:
@@ -285,54 +348,64 @@ def deletion_insertion(
         raise ValueError(f"saliency must be (B, 1, h, w) or (B, h, w) with B={B}; got {tuple(saliency.shape)}")
     if bool(torch.isnan(saliency).any()):
         raise ValueError("saliency contains NaN; rank-based metrics need an order of every cell")
-    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-    if not metrics or any(m not in ("deletion", "insertion") for m in metrics):
-        raise ValueError(f"metrics must be 'deletion' and/or 'insertion'; got {metrics!r}")
-    if unit not in ("cell", "pixel"):
-        raise ValueError(f"unit must be 'cell' or 'pixel'; got {unit!r}")
-    if protocol == "authors" and unit != "cell":
-        raise ValueError("protocol='authors' works on cells only; got unit='pixel'")
-    if not isinstance(softmax, bool):
-        raise TypeError(f"softmax must be True or False; got {softmax!r}")
-    batch_size = as_int("batch_size", batch_size, minimum=1)
-    device = images.device
     sal = saliency.detach().to(device=device, dtype=torch.float32)
     if protocol == "authors" and not bool(torch.isfinite(sal).all()):
         raise ValueError("saliency must be finite with protocol='authors' (it is min-max normalised)")
+    return sal
 
-    if unit == "cell":
-        h, w = sal.shape[1:]
-        n_units = h * w
-        if protocol == "authors":
-            cell_of_pixel = _authors_cell_ids(h, w, H, W, device)
-        else:
-            cell_of_pixel = _cell_ids(h, w, H, W, device)  # (H, W)
-        step = 1 if step is None else as_int("step", step, minimum=1)
-    else:
+
+def _pixel_ranks(sal: torch.Tensor, protocol: str, unit: str, step, H: int, W: int):
+    """``(pixel_rank, n_units, step)``: the (B, H, W) rank of the unit each pixel belongs to
+    (0 = changed first; ``n_units`` for pixels of no unit, never changed), the number of units
+    and the validated step."""
+    if unit == "pixel":
         sal = F.interpolate(sal[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
-        n_units = H * W
-        cell_of_pixel = None
         step = W if step is None else as_int("step", step, minimum=1)
-    units = rearrange(sal, "b h w -> b (h w)")  # (B, U), row-major
+        return rearrange(_library_rank(rearrange(sal, "b h w -> b (h w)")), "b (h w) -> b h w", h=H), H * W, step
+    h, w = sal.shape[1:]
+    n_units = h * w
+    step = 1 if step is None else as_int("step", step, minimum=1)
+    units = rearrange(sal, "b h w -> b (h w)")
     if protocol == "authors":
-        rank = _authors_order(units, step)
+        cell_of_pixel, rank = _authors_cell_ids(h, w, H, W, sal.device), _authors_order(units, step)
     else:
-        order = torch.sort(units, dim=1, descending=True, stable=True).indices  # (B, U)
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(n_units, device=device).expand(B, -1))
-    if cell_of_pixel is None:
-        pixel_rank = rearrange(rank, "b (h w) -> b h w", h=H)
-    else:
-        # pixels of no cell get a rank that is never reached (never changed)
-        padded = torch.cat([rank, torch.full((B, 1), n_units, dtype=rank.dtype, device=device)], dim=1)
-        pixel_rank = padded[:, torch.where(cell_of_pixel < 0, n_units, cell_of_pixel)]  # (B, H, W)
+        cell_of_pixel, rank = _cell_ids(h, w, H, W, sal.device), _library_rank(units)
+    never = torch.full((len(rank), 1), n_units, dtype=rank.dtype, device=rank.device)
+    padded = torch.cat([rank, never], dim=1)
+    return padded[:, torch.where(cell_of_pixel < 0, n_units, cell_of_pixel)], n_units, step
 
-    n_steps = math.ceil(n_units / step)
+
+def _library_rank(units: torch.Tensor) -> torch.Tensor:
+    """(B, U) ranks by decreasing value, ties to the lowest index (stable sort)."""
+    B, U = units.shape
+    order = torch.sort(units, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    return rank.scatter_(1, order, torch.arange(U, device=units.device).expand(B, -1))
+
+
+def _changed_counts(n_units: int, step: int, protocol: str, device) -> torch.Tensor:
+    """Units changed at each point of the curve: from 0 (the intact image, library) or from
+    ``step`` (authors), by ``step``, the last point clamped to every unit."""
     first = 0 if protocol == "library" else 1
-    changed = torch.clamp(torch.arange(first, n_steps + 1, device=device) * step, max=n_units)  # points of the curve
-    n_points = len(changed)
-    fractions = changed.double() / n_units
+    return torch.clamp(torch.arange(first, math.ceil(n_units / step) + 1, device=device) * step, max=n_units)
 
+
+def _x_axes(protocol: str, n_units: int, step: int, changed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(deletion x, insertion x) in float64: the fraction of units changed (library), or the
+    authors' stretched counts of the units left, unclamped (see :func:`deletion_insertion`)."""
+    if protocol == "library":
+        x = changed.double() / n_units
+        return x, x
+    if len(changed) == 1:
+        zero = torch.zeros(1, dtype=torch.float64, device=changed.device)
+        return zero, zero
+    left = n_units - torch.arange(1, len(changed) + 1, device=changed.device, dtype=torch.float64) * step
+    return 1 - (left - left.min()) / (left.max() - left.min()), 1 - left / left.max()
+
+
+def _resolve_target(model, images: torch.Tensor, target, batch_size: int) -> torch.Tensor:
+    """(B,) int64 classes >= 0: ``target`` checked (one index is broadcast), or the prediction."""
+    B = len(images)
     if target is None:
         target = torch.cat(
             [
@@ -340,7 +413,7 @@ def deletion_insertion(
                 for i in range(0, B, batch_size)
             ]
         )
-    target = torch.as_tensor(target, device=device)
+    target = torch.as_tensor(target, device=images.device)
     if target.is_floating_point() or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer class indices; got dtype {target.dtype}")
     if target.dim() == 0:
@@ -352,55 +425,35 @@ def deletion_insertion(
     target = target.long()
     if bool((target < 0).any()):
         raise ValueError(f"target must be class indices >= 0; got {target.tolist()}")
+    return target
 
-    def curve(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-        """Score of images equal to ``end`` on the units ranked below changed[t], ``start`` elsewhere."""
-        total = B * n_points
-        out = torch.empty(total, device=device, dtype=torch.float32)
-        for lo in range(0, total, batch_size):
-            flat = torch.arange(lo, min(lo + batch_size, total), device=device)
-            b, t = flat // n_points, flat % n_points
-            mask = (pixel_rank[b] < changed[t].view(-1, 1, 1)).unsqueeze(1)  # (n, 1, H, W)
-            batch = torch.where(mask, end[b], start[b])
-            out[lo : lo + len(flat)] = _scores(model, batch, target[b], softmax)
-        return out.view(B, n_points)
 
-    if protocol == "library":
-        x_del = x_ins = fractions
-    else:
-        left = (n_units - torch.arange(1, n_steps + 1, device=device, dtype=torch.float64) * step)
-        if n_steps == 1:
-            x_del = x_ins = torch.zeros(1, dtype=torch.float64, device=device)
-        else:
-            x_del = 1 - (left - left.min()) / (left.max() - left.min())
-            x_ins = 1 - left / left.max()
+def _curve(model, start, end, pixel_rank, changed, target, softmax: bool, batch_size: int) -> torch.Tensor:
+    """(B, points) scores of images equal to ``end`` on the pixels ranked below ``changed[t]`` and
+    to ``start`` elsewhere, built and scored ``batch_size`` images at a time."""
+    B, n_points = len(pixel_rank), len(changed)
+    total = B * n_points
+    out = torch.empty(total, device=pixel_rank.device, dtype=torch.float32)
+    for lo in range(0, total, batch_size):
+        flat = torch.arange(lo, min(lo + batch_size, total), device=pixel_rank.device)
+        b, t = flat // n_points, flat % n_points
+        mask = (pixel_rank[b] < changed[t].view(-1, 1, 1)).unsqueeze(1)  # (n, 1, H, W)
+        out[lo : lo + len(flat)] = _scores(model, torch.where(mask, end[b], start[b]), target[b], softmax)
+    return out.view(B, n_points)
 
-    def auc(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.trapezoid(c.double(), x=x.to(c.device), dim=1).float()
 
-    deletion = insertion = None
-    if "deletion" in metrics:
-        value = torch.as_tensor(deletion_value, dtype=images.dtype, device=device)
-        deletion = curve(images, value.expand_as(images))
-    if "insertion" in metrics:
-        if isinstance(insertion_start, torch.Tensor):
-            start = insertion_start.to(device=device, dtype=images.dtype).expand_as(images)
-        elif insertion_start == "box":
-            kernel = 121 if blur_kernel is None else blur_kernel
-            start = box_blur(images, kernel) if protocol == "library" else box_blur_zero_padded(images, kernel)
-        elif insertion_start == "gaussian":
-            start = gaussian_blur(images, 11 if blur_kernel is None else blur_kernel, blur_sigma)
-        else:
-            raise ValueError(f"insertion_start must be 'box', 'gaussian' or a tensor; got {insertion_start!r}")
-        insertion = curve(start, images)
-    return DeletionInsertion(
-        fractions.float(),
-        deletion,
-        insertion,
-        None if deletion is None else auc(deletion, x_del),
-        None if insertion is None else auc(insertion, x_ins),
-        target,
-        protocol,
-        None if deletion is None else x_del.float(),
-        None if insertion is None else x_ins.float(),
-    )
+def _insertion_start(images: torch.Tensor, insertion_start, protocol: str, blur_kernel, blur_sigma) -> torch.Tensor:
+    """The image insertion starts from, broadcast to ``images``."""
+    if isinstance(insertion_start, torch.Tensor):
+        return insertion_start.to(device=images.device, dtype=images.dtype).expand_as(images)
+    if insertion_start == "box":
+        kernel = 121 if blur_kernel is None else blur_kernel
+        return box_blur(images, kernel) if protocol == "library" else box_blur_zero_padded(images, kernel)
+    if insertion_start == "gaussian":
+        return gaussian_blur(images, 11 if blur_kernel is None else blur_kernel, blur_sigma)
+    raise ValueError(f"insertion_start must be 'box', 'gaussian' or a tensor; got {insertion_start!r}")
+
+
+def _auc(curve: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) trapezoid AUC in float64, returned as float32."""
+    return torch.trapezoid(curve.double(), x=x.to(curve.device), dim=1).float()

@@ -76,17 +76,63 @@ def test_gradcam_pp_closed_form_under_average_pooling():
 def test_score_cam_against_a_per_channel_loop():
     model, body = gap_model()
     x = images(B=2)
-    cam = score_cam(model, x, body, batch_size=5)
+    grey = torch.full((1, 2, 1, 1), 0.3, dtype=torch.float64)
+    cams = {
+        "zeros": score_cam(model, x, body, batch_size=5),
+        "none": score_cam(model, x, body, baseline=None, batch_size=5),
+        "grey": score_cam(model, x, body, baseline=grey, batch_size=3),
+    }
     A = body(x).detach()
     target = model(x).argmax(1)
     for b in range(2):
-        weights = []
+        scores = []
         for c in range(A.shape[1]):
             m = F.interpolate(A[b : b + 1, c : c + 1], size=x.shape[2:], mode="bilinear", align_corners=False)
             m = (m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else torch.zeros_like(m)
-            weights.append(torch.softmax(model(x[b : b + 1] * m), 1)[0, target[b]])
-        expected = F.relu((torch.stack(weights)[:, None, None] * A[b]).sum(0))
-        torch.testing.assert_close(cam[b, 0], expected.detach())
+            scores.append(torch.softmax(model(x[b : b + 1] * m), 1)[0, target[b]])
+        scores = torch.stack(scores).detach()
+        for key, start in (("zeros", torch.zeros_like(x[:1])), ("none", None), ("grey", grey)):
+            # the paper's increase of confidence over the baseline image (none: the masked score itself)
+            base = 0.0 if start is None else torch.softmax(model(start.expand_as(x[:1])), 1)[0, target[b]].detach()
+            expected = F.relu(((scores - base)[:, None, None] * A[b]).sum(0))
+            torch.testing.assert_close(cams[key][b, 0], expected)
+
+
+class ClutterModel(nn.Module):
+    """The explained layer has two channels: the image on an evidence region (rows 0-1) and 5 x the
+    image on a clutter region (rows 5-7). Only the evidence channel reaches the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Identity()
+
+    def forward(self, x):
+        evidence, clutter = torch.zeros_like(x), torch.zeros_like(x)
+        evidence[:, :, :2] = x[:, :, :2]
+        clutter[:, :, 5:] = 5 * x[:, :, 5:]
+        a = self.layer(torch.cat([evidence, clutter], dim=1))
+        e = a[:, 0].sum(dim=(1, 2)) / 4
+        return torch.stack([e, torch.zeros_like(e)], dim=1)
+
+
+def test_score_cam_weights_are_increases_over_the_baseline():
+    # masking with the clutter channel removes the evidence: p = 0.5 = the zero image's probability, so its
+    # increase (its weight) is 0; the raw probability 0.5 would weigh the strong clutter channel in
+    model = ClutterModel().double().eval()
+    x = torch.ones(1, 1, 8, 8, dtype=torch.float64)
+    cam = score_cam(model, x, model.layer)
+    p = torch.softmax(torch.tensor([4.0, 0.0], dtype=torch.float64), 0)[0]  # the evidence kept: 16 / 4
+    expected = torch.zeros(8, 8, dtype=torch.float64)
+    expected[:2] = p - 0.5
+    torch.testing.assert_close(cam[0, 0], expected)
+    peak = int(cam[0, 0].flatten().argmax())
+    assert peak // 8 < 2  # on the evidence
+    raw = score_cam(model, x, model.layer, baseline=None)
+    assert int(raw[0, 0].flatten().argmax()) // 8 >= 5  # without the subtraction: on the clutter
+    with pytest.raises(ValueError, match="baseline"):
+        score_cam(model, x, model.layer, baseline="mean")
+    with pytest.raises(ValueError, match="baseline"):
+        score_cam(model, x, model.layer, baseline=torch.zeros(3, 1, 1))
 
 
 class RegionModel(nn.Module):
@@ -168,3 +214,29 @@ def test_against_captum():
     A = body2(x).detach()
     w = gxa.sum(dim=(2, 3), keepdim=True) / (A.sum(dim=(2, 3), keepdim=True) + 1e-7)
     torch.testing.assert_close(xgrad_cam(model2, x, body2, target=target), F.relu((w * A).sum(1, keepdim=True)))
+
+
+@pytest.mark.parametrize("method", sorted(BASELINES))
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_every_method_works_without_autograd_around_it(method, context):
+    model, body = gap_model()
+    x = images(B=2)
+    options = {"masks": rise_masks(6, x.shape[2:], grid=2, generator=torch.Generator().manual_seed(0))}
+    options = options if method == "rise" else {}
+    expected = explain(method, model, x, body, **options)
+    with context():
+        got = explain(method, model, x, body, **options)
+        inference_images = x.clone()  # an inference tensor under inference_mode
+        again = explain(method, model, inference_images, body, **options)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(again, expected)
+    assert not any(p.grad is not None for p in model.parameters())
+
+
+def test_gradient_methods_name_a_model_made_under_inference_mode():
+    with torch.inference_mode():
+        model, body = gap_model()
+    for method in ("gradcam", "gradcam++", "hirescam", "xgradcam"):
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            explain(method, model, images(B=2), body)
+    assert explain("scorecam", model, images(B=2), body).shape == (2, 1, 5, 6)  # forward passes only

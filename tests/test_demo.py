@@ -69,6 +69,10 @@ def test_pointing_counts_ties_both_ways():
     hits = pointing(maps, boxes, (48, 48))
     assert hits["quantus"].tolist() == [True, True, True]  # a constant map "hits" under Quantus's rule
     assert hits["strict"].tolist() == [False, True, False]
+    # NaN is no maximum: such a map has no peak, and would pass the strict test vacuously
+    maps[1, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"maps contain NaN \(images \[1\]\)"):
+        pointing(maps, boxes, (48, 48))
 
 
 def test_module_entry_point_arguments(capsys):

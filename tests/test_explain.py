@@ -42,6 +42,9 @@ def test_upsample_and_normalize():
     assert up.shape == (1, 1, 4, 6) and up.dtype == torch.float32
     near = upsample(s, 4, mode="nearest")
     torch.testing.assert_close(near[0, 0], s[0, 0].repeat_interleave(2, 0).repeat_interleave(2, 1))
+    # uneven sizes: each pixel shows the cell nearest to its centre, the cells deletion/insertion uses
+    rows = upsample(torch.arange(3.0).view(1, 1, 3, 1), (7, 2), mode="nearest")[0, 0, :, 0]
+    assert rows.tolist() == [0, 0, 1, 1, 1, 2, 2]
     n = normalize_maps(torch.tensor([[[2.0, 4.0], [6.0, 10.0]]]))
     torch.testing.assert_close(n, torch.tensor([[[0.0, 0.25], [0.5, 1.0]]]))
     assert normalize_maps(torch.ones(1, 3, 3)).abs().sum() == 0  # constant map: zeros, no NaN

@@ -303,3 +303,41 @@ def test_input_errors_name_the_argument():
     assert r.deletion.shape == (1, 3)
     flat = deletion_insertion(MeanModel(), IMAGE, torch.zeros_like(SAL), protocol="authors")  # constant map
     assert torch.isfinite(flat.deletion_auc).all() and torch.isfinite(flat.insertion_auc).all()
+
+
+# ---- which pixels a cell owns (library protocol) -----------------------------------------------
+
+
+def _deleted_after_first_step(sal: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) bool: the pixels the library's deletion has zeroed after its first step (one cell)."""
+    model = MeanModel()
+    deletion_insertion(model, torch.ones(1, 1, *size), sal, metrics="deletion")
+    return model.calls[1][1, 0] == 0  # call 0 predicts the target; call 1 holds every step, in order
+
+
+def test_pixels_go_to_the_cell_nearest_to_their_centre():
+    # 7 rows on 3 cells: pixel centres 0.5 .. 6.5 lie in cells [0, 7/3), [7/3, 14/3), [14/3, 7)
+    for cell, rows in ((0, [0, 1]), (1, [2, 3, 4]), (2, [5, 6])):
+        sal = torch.zeros(1, 1, 3, 1)
+        sal[0, 0, cell] = 1.0
+        deleted = _deleted_after_first_step(sal, (7, 2))
+        assert deleted.any(dim=1).nonzero().flatten().tolist() == rows
+        assert deleted[rows].all()  # whole rows: the one column of cells covers both image columns
+    # the same along the width
+    sal = torch.tensor([[[0.0, 1.0, 0.0]]])
+    assert _deleted_after_first_step(sal, (1, 7))[0].nonzero().flatten().tolist() == [2, 3, 4]
+
+
+def test_nearest_cells_against_the_distance_to_every_cell_centre():
+    from brnpa_triton.metrics import nearest_cells
+
+    for pixels in range(1, 13):
+        for cells in range(1, 13):
+            centre = torch.arange(pixels, dtype=torch.float64) + 0.5
+            cell_centre = (torch.arange(cells, dtype=torch.float64) + 0.5) * pixels / cells
+            dist = (centre[:, None] - cell_centre[None, :]).abs()
+            nearest = dist <= dist.min(dim=1, keepdim=True).values + 1e-9
+            # ties (a centre on a border, only when the map is finer than the image): the later cell
+            expected = (nearest * torch.arange(1, cells + 1)).argmax(dim=1)
+            assert nearest_cells(pixels, cells).tolist() == expected.tolist(), (pixels, cells)
+    assert nearest_cells(2, 4).tolist() == [1, 3]  # both centres lie on borders

@@ -53,7 +53,11 @@ def box_cells(boxes: torch.Tensor, grid: tuple[int, int], image_size: tuple[int,
 def pointing(maps: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Pointing game of (B, h, w) maps against digit boxes, with ties at the maximum counted both ways:
     ``"quantus"`` (Quantus's rule: a hit when any of the tied maxima lies in the box, so a constant
-    map hits whenever the box holds a cell) and ``"strict"`` (a hit only when all of them do)."""
+    map hits whenever the box holds a cell) and ``"strict"`` (a hit only when all of them do).
+    A map holding NaN has no peak (NaN is no maximum): it is rejected, as the other metrics do."""
+    if bool(torch.isnan(maps).any()):
+        bad = torch.isnan(maps).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"maps contain NaN (images {bad}); the pointing game needs the peak of every map")
     inside = box_cells(boxes, tuple(maps.shape[1:]), image_size)
     peak = maps == maps.flatten(1).amax(1).view(-1, 1, 1)
     return {
