@@ -1,4 +1,5 @@
-"""Vectorised PyTorch BR-NPA: the CPU fast path (and the fallback for any device).
+"""Vectorised PyTorch BR-NPA: the CPU fast path, and ``backend="torch"`` (and the float64
+reference) on any other device.
 
 Everything works on ``x`` of shape (B, C, N) with whatever strides the caller's layout gives
 (NCHW, channels_last and (B, N, C) tokens are all views of this shape), so nothing is
@@ -8,11 +9,15 @@ Forward: one pass for the norms, one dot-product pass per part, one pass for all
 vectors. Norms and seed dot products reduce every column over C in the same order, so
 bitwise-identical columns get identical scores (ties then go to the lowest position), and
 they are computed scaled, so that no finite input whose norms are finite overflows.
+The blocking of the passes is per device (``Plan``): cache-sized on CPU; a few large blocks and
+no host synchronisation elsewhere, so that a CUDA graph can capture a forward and backward.
 Backward: the spec's closed form in four passes over X whatever K is; nothing of size
 (B, N, C) is saved, and the only (B, N, C) allocation is dX itself.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +38,7 @@ def _gather_positions(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return x.gather(2, indices[:, None, :].expand(B, C, -1)).transpose(1, 2)
 
 
+# How a pass over X is cut into blocks, per device (see ``Plan``). The CPU plan's sizes:
 # float16/bfloat16 features are upcast to float32 a block of positions at a time, each block
 # at most this: a small fraction of any large input.
 BLOCK_BYTES = 4 << 20
@@ -40,13 +46,53 @@ BLOCK_BYTES = 4 << 20
 ACCUMULATOR_BYTES = 512 << 10
 # The product temporaries of a pass over channels_last / tokens x.
 DOT_BLOCK_BYTES = 1 << 20
+# A GPU's launches cost far more than its cache misses: there every pass over X is cut into at
+# most this many blocks, each temporary a fraction of X.
+DEVICE_BLOCKS = 4
+
+
+class Plan(NamedTuple):
+    """How the passes over X are blocked, chosen from the device (``plan_for``).
+
+    ``cpu``: blocks sized for the CPU's caches, the batch in cache-sized chunks, and the rare
+    out-of-range norms recomputed on the columns that need it (finding them reads a count back
+    to the host, which costs nothing on CPU). Otherwise: a few large blocks per pass and
+    branch-free scaled norms, so that nothing waits for the host (CUDA graphs, torch.compile).
+    Both reduce every column over C in the same order whatever its position.
+    """
+
+    cpu: bool
+
+
+CPU_PLAN = Plan(cpu=True)
+DEVICE_PLAN = Plan(cpu=False)
+# Tests set this to run the device plan on CPU tensors.
+FORCED_PLAN: Plan | None = None
+
+
+def plan_for(x: torch.Tensor) -> Plan:
+    if FORCED_PLAN is not None:
+        return FORCED_PLAN
+    return CPU_PLAN if x.device.type == "cpu" else DEVICE_PLAN
 
 
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _workspace(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _block(total: int, per_item_bytes: int, cap_bytes: int, plan: Plan) -> int:
+    """Items per block: CPU, at most ``cap_bytes`` and a quarter of the items (so that small
+    inputs get no X-sized temporary either); otherwise ``DEVICE_BLOCKS`` blocks in all."""
+    if not plan.cpu:
+        return max(1, _ceil_div(total, DEVICE_BLOCKS))
+    return max(1, min(total // 4, cap_bytes // per_item_bytes))
+
+
+def _workspace(x: torch.Tensor, acc: torch.dtype, plan: Plan) -> torch.Tensor:
     """The temporary of ``_column_dots``; one per forward, reused by its passes (a fresh one per
     pass would pay its page faults every time).
 
@@ -55,20 +101,19 @@ def _workspace(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """
     B, C, N = x.shape
     size = _element_size(acc)
-    # At most a quarter of X too, so that small inputs get no X-sized temporary either.
     if x.stride(1) == 1 and C > 1:
-        step = max(1, min(N // 4, DOT_BLOCK_BYTES // (B * C * size)))
+        step = _block(N, B * C * size, DOT_BLOCK_BYTES, plan)
         return torch.empty(B, step, C, dtype=acc, device=x.device).transpose(1, 2)
-    rows = max(1, min(C // 4, ACCUMULATOR_BYTES // (B * N * size)))
+    rows = _block(C, B * N * size, ACCUMULATOR_BYTES, plan)
     return torch.empty(B, rows, N, dtype=acc, device=x.device)
 
 
 def _column_dots(
-    x: torch.Tensor, weights: torch.Tensor | None, acc: torch.dtype, workspace: torch.Tensor | None = None
+    x: torch.Tensor, weights: torch.Tensor | None, acc: torch.dtype, workspace: torch.Tensor
 ) -> torch.Tensor:
     """sum_c x_cn w_c for x (B, C, N) and weights w (B, C), as (B, N) in ``acc``: one pass over
-    x, float16/bfloat16 upcast a block at a time. ``weights=None`` gives the squared norms,
-    or, where C is contiguous, the norms (see ``_norms``).
+    x, float16/bfloat16 upcast a block at a time. ``weights=None`` gives the squared norms.
+    ``workspace`` is ``_workspace(x, acc, plan)``: its size sets the blocks.
 
     Every column is reduced over C in the same order whatever its position, so bitwise-identical
     columns get bitwise-identical results. A matrix product would not do: BLAS rounds a column
@@ -79,28 +124,28 @@ def _column_dots(
     reduced contiguously.
     """
     B, C, N = x.shape
-    if x.stride(1) == 1 and C > 1:
+    if _c_contiguous(x):
         out = torch.empty(B, N, dtype=acc, device=x.device)
-        if weights is None:  # the norms themselves: one contiguous reduction per column, no temporary
-            step = max(1, BLOCK_BYTES // (B * C * _element_size(acc)))
-            for lo in range(0, N, step):
-                out[:, lo : lo + step] = torch.linalg.vector_norm(x[:, :, lo : lo + step], dim=1, dtype=acc)
-            return out
-        products = _workspace(x, acc) if workspace is None else workspace
-        step = products.shape[2]
+        step = workspace.shape[2]
         for lo in range(0, N, step):
             block = x[:, :, lo : lo + step]
-            buffer = products[:, :, : block.shape[2]]
-            torch.mul(block, weights[:, :, None], out=buffer)  # computed in acc
+            buffer = workspace[:, :, : block.shape[2]]
+            other = block if weights is None else weights[:, :, None]
+            torch.mul(block, other, out=buffer)  # computed in acc
             torch.sum(buffer, 1, out=out[:, lo : lo + step])
         return out
-    total = (_workspace(x, acc) if workspace is None else workspace).zero_()
+    total = workspace.zero_()
     rows = total.shape[1]
     for lo in range(0, C, rows):
         block = x[:, lo : lo + rows]
         other = block if weights is None else weights[:, lo : lo + rows, None]
         total[:, : block.shape[1]].addcmul_(block, other)  # computed in acc: the products are exact
     return _sum_rows(total)
+
+
+def _c_contiguous(x: torch.Tensor) -> bool:
+    """Channels are contiguous (channels_last, tokens): each column is one contiguous reduction."""
+    return x.stride(1) == 1 and x.shape[1] > 1
 
 
 def _sum_rows(t: torch.Tensor) -> torch.Tensor:
@@ -118,24 +163,31 @@ def _small_norm(dtype: torch.dtype) -> float:
 
 def _scaled_norms(rows: torch.Tensor) -> torch.Tensor:
     """||row|| over the last dim, without overflow or underflow: each row is divided by its
-    largest magnitude first (0 for an all-zero row)."""
-    scale = rows.abs().amax(-1, keepdim=True)
+    largest magnitude first (0 for an all-zero row). A fresh tensor, not a view."""
+    scale = rows.abs().amax(-1)
     safe = torch.where((scale > 0) & (scale < float("inf")), scale, 1.0)  # inf input: inf norm
-    return (torch.linalg.vector_norm(rows / safe, dim=-1, keepdim=True) * torch.where(scale > 0, safe, 0.0)).squeeze(-1)
+    return torch.linalg.vector_norm(rows / safe[..., None], dim=-1) * torch.where(scale > 0, safe, 0.0)
 
 
-def _norms(x: torch.Tensor, acc: torch.dtype, workspace: torch.Tensor | None = None) -> torch.Tensor:
+def _norms(x: torch.Tensor, acc: torch.dtype, workspace: torch.Tensor, plan: Plan) -> torch.Tensor:
     """||x_n|| over C for x (B, C, N), in ``acc``, accurate for every finite x whose norms are finite.
 
-    The plain sum of squares (one pass) serves every column whose result is comfortably inside
-    the range; the rare others (norm overflowed, or so small that squares underflowed, or an
-    all-zero column) are recomputed scaled. Each path reduces every column in the same order.
-    Finding those columns reads their count back to the host (a synchronisation on CUDA, where
-    this backend is only the fallback).
+    CPU: the plain sum of squares (one pass) serves every column whose result is comfortably
+    inside the range; the rare others (norm overflowed, or so small that squares underflowed,
+    or an all-zero column) are recomputed scaled, found by reading their count back to the
+    host. Elsewhere: ``_power_of_two_scaled_norms``, branch-free. Each path reduces every
+    column in the same order.
     """
-    norms = _column_dots(x, None, acc, workspace)
-    if not (x.stride(1) == 1 and x.shape[1] > 1):  # the NCHW path summed squares
-        norms = norms.sqrt_()
+    if not plan.cpu:
+        return _power_of_two_scaled_norms(x, acc, workspace)
+    if _c_contiguous(x):  # one contiguous reduction per column, no temporary
+        B, C, N = x.shape
+        norms = torch.empty(B, N, dtype=acc, device=x.device)
+        step = max(1, BLOCK_BYTES // (B * C * _element_size(acc)))
+        for lo in range(0, N, step):
+            norms[:, lo : lo + step] = torch.linalg.vector_norm(x[:, :, lo : lo + step], dim=1, dtype=acc)
+    else:
+        norms = _column_dots(x, None, acc, workspace).sqrt_()
     redo = ~((norms >= _small_norm(acc)) & (norms < float("inf")))  # NaN input stays NaN
     b, n = redo.nonzero(as_tuple=True)
     if b.numel():
@@ -144,8 +196,46 @@ def _norms(x: torch.Tensor, acc: torch.dtype, workspace: torch.Tensor | None = N
     return norms
 
 
-def _position_slices(x: torch.Tensor, acc: torch.dtype) -> list[slice]:
-    """Slices of positions such that one slice of x upcast to ``acc`` stays below BLOCK_BYTES.
+def _power_of_two_scale(amax: torch.Tensor) -> torch.Tensor:
+    """2^-e with amax = m 2^e, m in [0.5, 1) (1 where amax is 0, inf or NaN), in amax's dtype,
+    e clamped so that the scale is a normal number. Built from its bits: exact on every device."""
+    # exponent bias (= the largest normal exponent), mantissa bits, the same-width integer
+    bias, mantissa_bits, int_dtype = (1023, 52, torch.int64) if amax.dtype == torch.float64 else (127, 23, torch.int32)
+    _, e = torch.frexp(amax)
+    e = torch.where(torch.isfinite(amax), e, 0).clamp(1 - bias, bias - 1).to(int_dtype)
+    return ((bias - e) << mantissa_bits).view(amax.dtype)
+
+
+def _power_of_two_scaled_norms(x: torch.Tensor, acc: torch.dtype, workspace: torch.Tensor) -> torch.Tensor:
+    """||x_n|| with each column scaled by a power of two near 1 / max_c |x_cn| first (``amax``
+    is exact whatever the reduction order): no square overflows or underflows to a loss of
+    precision, and where none did unscaled the result is bitwise the unscaled one (scaling by a
+    power of two is exact). Two passes over x, no data-dependent branch."""
+    B, C, N = x.shape
+    scale = _power_of_two_scale(torch.linalg.vector_norm(x, float("inf"), dim=1).to(acc))  # (B, N)
+    if _c_contiguous(x):
+        out = torch.empty(B, N, dtype=acc, device=x.device)
+        step = workspace.shape[2]
+        for lo in range(0, N, step):
+            block = x[:, :, lo : lo + step]
+            buffer = workspace[:, :, : block.shape[2]]
+            torch.mul(block, scale[:, None, lo : lo + step], out=buffer)
+            torch.linalg.vector_norm(buffer, dim=1, out=out[:, lo : lo + step])
+        return out.div_(scale)
+    total = torch.zeros_like(workspace)
+    scaled = torch.empty_like(workspace)
+    rows = total.shape[1]
+    for lo in range(0, C, rows):
+        block = x[:, lo : lo + rows]
+        buffer = scaled[:, : block.shape[1]]
+        torch.mul(block, scale[:, None, :], out=buffer)
+        total[:, : block.shape[1]].addcmul_(buffer, buffer)
+    return _sum_rows(total).sqrt_().div_(scale)
+
+
+def _position_slices(x: torch.Tensor, acc: torch.dtype, plan: Plan) -> list[slice]:
+    """Slices of positions such that one slice of x upcast to ``acc`` stays below BLOCK_BYTES
+    (CPU) or is a ``DEVICE_BLOCKS``-th of x (elsewhere).
 
     One slice when x is already in ``acc`` (no copy is made); float16/bfloat16 images are
     upcast a block of positions at a time, so that their peak memory is never above that of
@@ -154,7 +244,8 @@ def _position_slices(x: torch.Tensor, acc: torch.dtype) -> list[slice]:
     B, C, N = x.shape
     if x.dtype == acc:
         return [slice(0, N)]
-    step = max(1, BLOCK_BYTES // (B * C * _element_size(acc)))
+    per_position = B * C * _element_size(acc)
+    step = max(1, BLOCK_BYTES // per_position) if plan.cpu else _block(N, per_position, 0, plan)
     return [slice(lo, min(lo + step, N)) for lo in range(0, N, step)]
 
 
@@ -169,10 +260,10 @@ def _weighted_sums(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weights, x.transpose(1, 2))
 
 
-def _weighted_sums_blocked(x: torch.Tensor, weights: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+def _weighted_sums_blocked(x: torch.Tensor, weights: torch.Tensor, acc: torch.dtype, plan: Plan) -> torch.Tensor:
     """``_weighted_sums`` of x upcast to ``acc`` a block of positions at a time."""
     total = None
-    for s in _position_slices(x, acc):
+    for s in _position_slices(x, acc, plan):
         part = _weighted_sums(x[:, :, s].to(acc), weights[:, :, s])
         total = part if total is None else total.add_(part)
     return total
@@ -184,9 +275,9 @@ def _weighted_sums_blocked(x: torch.Tensor, weights: torch.Tensor, acc: torch.dt
 CACHE_CHUNK_BYTES = 16 << 20
 
 
-def _batch_chunks(x: torch.Tensor) -> list[slice]:
+def _batch_chunks(x: torch.Tensor, plan: Plan) -> list[slice]:
     B, C, N = x.shape
-    if x.device.type != "cpu":
+    if not plan.cpu:
         return [slice(0, B)]
     per_image = C * N * torch.empty((), dtype=accumulation_dtype(x.dtype)).element_size()
     step = max(1, CACHE_CHUNK_BYTES // per_image)
@@ -199,26 +290,29 @@ def forward(
     refine: bool,
     seed_indices: torch.Tensor | None = None,
     by_activity: bool = False,
+    plan: Plan | None = None,
 ) -> Forward:
     """BR-NPA forward on x (B, C, N). ``seed_indices`` (B, K) replaces the greedy selection;
-    ``by_activity`` ranks the parts by activity, descending (stable)."""
+    ``by_activity`` ranks the parts by activity, descending (stable). ``plan``: ``plan_for(x)``
+    by default. Every output is a fresh tensor (no view of another), which the caller may edit."""
+    plan = plan_for(x) if plan is None else plan
     chunks = [
-        _forward_images(x[s], num_parts, refine, None if seed_indices is None else seed_indices[s], by_activity)
-        for s in _batch_chunks(x)
+        _forward_images(x[s], num_parts, refine, None if seed_indices is None else seed_indices[s], by_activity, plan)
+        for s in _batch_chunks(x, plan)
     ]
     if len(chunks) == 1:
-        return chunks[0]
+        return Forward(*(t.clone() if t._is_view() else t for t in chunks[0]))
     return Forward(*(torch.cat(outputs) for outputs in zip(*chunks, strict=True)))
 
 
 def _forward_images(
-    x: torch.Tensor, num_parts: int, refine: bool, seed_indices: torch.Tensor | None, by_activity: bool
+    x: torch.Tensor, num_parts: int, refine: bool, seed_indices: torch.Tensor | None, by_activity: bool, plan: Plan
 ) -> Forward:
     B, C, N = x.shape
     K = num_parts
     acc = accumulation_dtype(x.dtype)
-    workspace = _workspace(x, acc)
-    norms = _norms(x, acc, workspace)
+    workspace = _workspace(x, acc, plan)
+    norms = _norms(x, acc, workspace, plan)
     rho = norms + EPS
     score = rho
     sims = torch.empty(B, K, N, dtype=acc, device=x.device)
@@ -243,7 +337,7 @@ def _forward_images(
     inv_sums = torch.where(degenerate, 0.0, inverse)
     maps = torch.where(degenerate[..., None], 1.0 / N, sims * inv_sums[..., None])
     if refine:
-        vectors = _weighted_sums_blocked(x, maps, acc)  # one pass over X for all parts
+        vectors = _weighted_sums_blocked(x, maps, acc, plan)  # one pass over X for all parts
     else:
         vectors = _gather_positions(x, indices).to(acc).contiguous()  # outputs are contiguous (B, K, C)
     activity = _scaled_norms(vectors)
@@ -271,14 +365,16 @@ def backward(
     grad_norms: torch.Tensor | None,
     saved: SavedForward,
     refine: bool,
+    plan: Plan | None = None,
 ) -> torch.Tensor:
     """dL/dx (B, C, N), in x's dtype (and strides, for dense x), from the spec's closed form.
 
     Gradients of outputs that did not reach the loss may be None. float16 gradients overflow
     to inf where the true gradient exceeds the dtype's range, as PyTorch's own do.
     """
+    plan = plan_for(x) if plan is None else plan
     dx = empty_like_hugepages(x)  # fresh, so huge pages spare it most first-touch page faults
-    for s in _batch_chunks(x):
+    for s in _batch_chunks(x, plan):
         _backward_images(
             x[s],
             None if grad_vectors is None else grad_vectors[s],
@@ -287,19 +383,21 @@ def backward(
             None if grad_norms is None else grad_norms[s],
             SavedForward(*(t[s] for t in saved)),
             refine,
+            plan,
             out=dx[s],
         )
     return dx
 
 
 def _backward_images(
-    x, grad_vectors, grad_maps, grad_activity, grad_norms, saved: SavedForward, refine: bool, out: torch.Tensor
+    x, grad_vectors, grad_maps, grad_activity, grad_norms, saved: SavedForward, refine: bool, plan: Plan,
+    out: torch.Tensor,
 ):
     """Writes dL/dx of these images into ``out``."""
     B, C, N = x.shape
     K = saved.indices.shape[1]
     ct = accumulation_dtype(x.dtype)
-    slices = _position_slices(x, ct)  # float16/bfloat16: upcast a block of positions at a time
+    slices = _position_slices(x, ct, plan)  # float16/bfloat16: upcast a block of positions at a time
     maps = saved.maps.to(ct)
     norms = saved.norms.to(ct)
     rho = norms + EPS
@@ -336,7 +434,7 @@ def _backward_images(
     simbar_over_rho = simbar / rho[:, None, :]
 
     # Pass 2: u_k = sum_n simbar_kn x_n / rho_n, the seed rows' share.
-    u = _weighted_sums_blocked(x, simbar_over_rho, ct)  # (B, K, C)
+    u = _weighted_sums_blocked(x, simbar_over_rho, ct, plan)  # (B, K, C)
     w = (simbar * sim).sum(-1)
 
     # Seed rows: dx_ik += (u_k - w_k r_k / ||r_k||) / rho_ik; accumulate on repeats.
