@@ -114,13 +114,7 @@ def _edit_cases():
         for field in FIELDS:
             for dtype in dtypes:
                 for mode in ("no_grad", "grad"):
-                    marks = []
-                    if (backend, field, mode) == ("torch", "activity", "grad") and dtype.itemsize >= 4:
-                        # In float32/float64 the PyTorch path returns activity as one of several
-                        # views of one tensor, which autograd forbids editing in place.
-                        marks = [pytest.mark.xfail(strict=True, raises=RuntimeError,
-                                                   reason="fixed in torch_impl by the torchpath branch")]
-                    yield pytest.param(backend, field, dtype, mode, marks=marks,
+                    yield pytest.param(backend, field, dtype, mode,
                                        id=f"{backend}-{field}-{str(dtype)[6:]}-{mode}")
 
 
