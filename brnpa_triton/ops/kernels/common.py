@@ -241,8 +241,8 @@ def sims_scale(norm_max_ptr, seed_norm, S, BLOCK_S: tl.constexpr, ACC: tl.conste
     sums, from the chunks' largest norms and the seed's norm. Every |sim_kn| is below
     (max_n ||x_n|| / rho_n) (||r_k|| / rho_ik), and 2^e is the largest power of two that keeps
     that bound times 2^e below 1: the scaled products stay below |x_cn|, so they cannot
-    overflow, and tiny features (sim_kn ~ ||x||^2 / eps^2) do not underflow. Features whose
-    norms are at least about eps get 2^e = 1."""
+    overflow, and those of tiny features (sim_kn ~ ||x||^2 / eps^2) do not underflow. Norms
+    of a few eps or more (bound >= 1/2) get 2^e = 1."""
     largest = tl.zeros([BLOCK_S], ACC)
     for s0 in range(0, S, BLOCK_S):
         offs = s0 + tl.arange(0, BLOCK_S)

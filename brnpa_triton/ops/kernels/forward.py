@@ -5,13 +5,15 @@ Outline (program (b, s) owns a chunk of image b's positions; see ``common``):
 1. ``forward_norms_kernel``: ||x_n|| for the chunk (fast sum of squares, rescaled where it
    overflows or underflows), both norms outputs, the score s_n = rho_n, the chunk's seed
    candidate (max score, lowest index) and, when refining, the chunk's sum_n x_n (the vector
-   of a degenerate part).
+   of a degenerate part) and its largest norm.
 2. ``forward_part_kernel``, once per part k: every program reduces the chunks' candidates in
    chunk order (so all agree on the seed i_k), then one sweep over its chunk computes
    sim_kn = dot(x_n, r_k / rho_ik) / rho_n (no overflow: |r_k / rho_ik| < 1), the chunk's
    partial S_k and sum |sim_kn|, the score update and the next candidate, and, folded into
-   the same loads, the chunk's part of part k-1's weighted sum sum_n sim_{k-1,n} x_n. The
-   last part's weighted sum takes a second look at each tile right after its sims (cache).
+   the same loads, the chunk's part of part k-1's weighted sum sum_n sim_{k-1,n} x_n, each
+   part's similarities multiplied there by an exact power of two (``common.sims_scale``, from
+   the largest norm and the seed's) so that tiny features do not underflow. The last part's
+   weighted sum takes a second look at each tile right after its sims (cache).
 3. ``forward_final_kernel``: each program sums the chunks' partial weighted sums over a slice
    of the channels (chunk order) and normalises them; the last program of image b to finish
    (an integer ticket, no waiting) computes the activities ||v_k||, ranks the parts (stable,
