@@ -294,7 +294,7 @@ def test_norms_of_huge_and_tiny_features(scale, dtype):
     if not torch.isfinite(x).all() or not (x != 0).any():
         pytest.skip("not representable in this dtype")
     if INTERPRET and dtype == torch.bfloat16 and (x.abs() < torch.finfo(dtype).tiny).any():
-        pytest.skip("the Triton interpreter converts bfloat16 subnormals wrongly (README, 'Testing')")
+        pytest.skip("the Triton interpreter converts bfloat16 subnormals wrongly (README, 'Development')")
     out = triton_impl.forward(x, 2, True, config=CHUNKINGS[1])
     exact = torch.linalg.vector_norm(x.double(), dim=1)
     # Exact to rounding; a norm below float32's smallest normal is itself subnormal, so its
