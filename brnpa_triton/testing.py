@@ -189,13 +189,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 
 def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest |actual - expected| over the largest |expected| (inf if actual is not finite)."""
+    """Largest |actual - expected| over the largest |expected| (inf if actual is not finite);
+    against an all-zero ``expected``, over 1e-30 (so only about zero passes). However small the
+    expected values are, the error is relative to them: tiny features are held to the same
+    tolerance as any others."""
     actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
     if not bool(torch.isfinite(actual).all()):
         return float("inf")
     if expected.numel() == 0:
         return 0.0
-    return (actual - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
+    largest = expected.abs().max().item()
+    return (actual - expected).abs().max().item() / (largest if largest > 0 else 1e-30)
 
 
 def assert_scaled_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:

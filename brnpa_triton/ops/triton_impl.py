@@ -199,6 +199,8 @@ def forward_workspace(B: int, C: int, N: int, K: int, S: int, refine: bool) -> d
         "part_abs": ((B, K, S), False),  # each chunk's sum_n |sim_kn|
         "cand_score": ((B, K, S), False),  # each chunk's best score before part k
         "sums": ((B, K + 1, S, C) if refine else (1,), False),  # each chunk's sum_n sim_kn x_n; slot K: sum_n x_n
+        "norm_max": ((B, S) if refine else (1,), False),  # each chunk's largest ||x_n||
+        "sims_scale": ((B, K, 2) if refine else (1,), False),  # each part's 2^e and 2^-e (kernels.common.sims_scale)
         "vectors": ((B, K, C), False),  # v_k, unranked
         "activity": ((B, K), False),
         "cand_index": ((B, K, S), True),  # ... and its lowest position
@@ -337,7 +339,7 @@ def _build_forward_plan(B, C, N, K, dtype, x_strides, refine, given_seeds, sm_co
     norms_cx = dict(common, BLOCK_C=block_c, BLOCK_N=block_n, **_size_hints(C, N), ACC=ACC)
     sig, attrs = _signature(forward_kernels.forward_norms_kernel, norms_cx, dict(
         x_ptr=x_name, norms_ptr=x_name, saved_norms_ptr=acc_name, scores_ptr=acc_name, cand_score_ptr=acc_name,
-        cand_index_ptr="i32", sums_ptr=acc_name, ticket_ptr="i32"), _big(ints))
+        cand_index_ptr="i32", sums_ptr=acc_name, norm_max_ptr=acc_name, ticket_ptr="i32"), _big(ints))
     norms = Launch("forward.norms", forward_kernels.forward_norms_kernel, (B, S), sig, norms_cx, attrs, dict(options),
                    1, x_bytes, B * N * (esize + 2 * acc_size) + sums_bytes)
 
@@ -345,7 +347,7 @@ def _build_forward_plan(B, C, N, K, dtype, x_strides, refine, given_seeds, sm_co
     sig, attrs = _signature(forward_kernels.forward_part_kernel, part_cx, dict(
         x_ptr=x_name, seeds_ptr="i64", saved_norms_ptr=acc_name, scores_ptr=acc_name, sims_ptr=acc_name,
         part_sums_ptr=acc_name, part_abs_ptr=acc_name, cand_score_ptr=acc_name, cand_index_ptr="i32",
-        sums_ptr=acc_name), _big(ints))
+        sums_ptr=acc_name, norm_max_ptr=acc_name, sims_scale_ptr=acc_name), _big(ints))
     part = Launch("forward.part", forward_kernels.forward_part_kernel, (B, S), sig, part_cx, attrs, dict(options), K,
                   x_bytes + B * N * 3 * acc_size, B * N * 2 * acc_size + sums_bytes)
 
@@ -353,7 +355,8 @@ def _build_forward_plan(B, C, N, K, dtype, x_strides, refine, given_seeds, sm_co
                     BLOCK_S=BLOCK_S, BLOCK_K=BLOCK_K, **_size_hints(C, N), ACC=ACC)
     sig, attrs = _signature(forward_kernels.forward_final_kernel, final_cx, dict(
         x_ptr=x_name, seeds_ptr="i64", cand_score_ptr=acc_name, cand_index_ptr="i32", part_sums_ptr=acc_name,
-        part_abs_ptr=acc_name, sims_ptr=acc_name, sums_ptr=acc_name, vectors_ws_ptr=acc_name, activity_ws=acc_name,
+        part_abs_ptr=acc_name, sims_ptr=acc_name, sums_ptr=acc_name, sims_scale_ptr=acc_name, vectors_ws_ptr=acc_name,
+        activity_ws=acc_name,
         ticket_ptr="i32", vectors_ptr=x_name, maps_ptr=x_name, indices_ptr="i64", activity_ptr=x_name,
         inv_sums_ptr=acc_name), _big(ints))
     outputs = B * K * ((C + N) * esize + 8 + esize + acc_size)
@@ -506,19 +509,20 @@ def forward(
     with _device_guard(dev):
         _run(norms_launch, dict(x_ptr=x, norms_ptr=norms, saved_norms_ptr=saved_norms, scores_ptr=ws["scores"],
                                 cand_score_ptr=ws["cand_score"], cand_index_ptr=ws["cand_index"], sums_ptr=ws["sums"],
-                                ticket_ptr=ws["tickets"]), tiles_per_chunk=tiles_per_chunk, **sizes, **strides)
+                                norm_max_ptr=ws["norm_max"], ticket_ptr=ws["tickets"]),
+             tiles_per_chunk=tiles_per_chunk, **sizes, **strides)
         for k in range(K):
             _run(part_launch, dict(x_ptr=x, seeds_ptr=seeds, saved_norms_ptr=saved_norms, scores_ptr=ws["scores"],
                                    sims_ptr=ws["sims"], part_sums_ptr=ws["part_sums"], part_abs_ptr=ws["part_abs"],
                                    cand_score_ptr=ws["cand_score"], cand_index_ptr=ws["cand_index"],
-                                   sums_ptr=ws["sums"]),
+                                   sums_ptr=ws["sums"], norm_max_ptr=ws["norm_max"], sims_scale_ptr=ws["sims_scale"]),
                  part=k, tiles_per_chunk=tiles_per_chunk, **sizes, **strides, **seed_strides)
         _run(final_launch, dict(x_ptr=x, seeds_ptr=seeds, cand_score_ptr=ws["cand_score"],
                                 cand_index_ptr=ws["cand_index"], part_sums_ptr=ws["part_sums"],
                                 part_abs_ptr=ws["part_abs"], sims_ptr=ws["sims"], sums_ptr=ws["sums"],
-                                vectors_ws_ptr=ws["vectors"], activity_ws=ws["activity"],
-                                ticket_ptr=ws["tickets"], vectors_ptr=vectors, maps_ptr=maps, indices_ptr=indices,
-                                activity_ptr=activity, inv_sums_ptr=inv_sums),
+                                sims_scale_ptr=ws["sims_scale"], vectors_ws_ptr=ws["vectors"],
+                                activity_ws=ws["activity"], ticket_ptr=ws["tickets"], vectors_ptr=vectors,
+                                maps_ptr=maps, indices_ptr=indices, activity_ptr=activity, inv_sums_ptr=inv_sums),
              c_per_program=_slice_of_channels(C, S, FINAL_BLOCK_C), **sizes, **strides, **seed_strides)
     return Forward(vectors, maps, indices, activity, norms, saved_norms, inv_sums)
 

@@ -233,3 +233,24 @@ def sums_scale(N, ACC: tl.constexpr):
     power of two changes no rounding."""
     down, up = power_of_two_scales(acc_const(1.0, ACC) * N, ACC)
     return down * 0.5, up * 2.0
+
+
+@triton.jit
+def sims_scale(norm_max_ptr, seed_norm, S, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """(2^e, 2^-e): the exact power of two that multiplies a part's similarities in its weighted
+    sums, from the chunks' largest norms and the seed's norm. Every |sim_kn| is below
+    (max_n ||x_n|| / rho_n) (||r_k|| / rho_ik), and 2^e is the largest power of two that keeps
+    that bound times 2^e below 1: the scaled products stay below |x_cn|, so they cannot
+    overflow, and those of tiny features (sim_kn ~ ||x||^2 / eps^2) do not underflow. Norms
+    of a few eps or more (bound >= 1/2) get 2^e = 1."""
+    largest = tl.zeros([BLOCK_S], ACC)
+    for s0 in range(0, S, BLOCK_S):
+        offs = s0 + tl.arange(0, BLOCK_S)
+        largest = tl.maximum(largest, tl.load(norm_max_ptr + offs, mask=offs < S, other=0.0))
+    norm_max = tl.max(largest, axis=0)
+    eps = acc_const(EPS_C, ACC)
+    bound = (norm_max / (norm_max + eps)) * (seed_norm / (seed_norm + eps))
+    # A bound that rounds to 1, or NaN from norms that overflowed: no scaling.
+    bound = tl.where(bound < 1.0, bound, 0.75)
+    down, up = power_of_two_scales(bound, ACC)
+    return down * 0.5, up * 2.0

@@ -5,13 +5,15 @@ Outline (program (b, s) owns a chunk of image b's positions; see ``common``):
 1. ``forward_norms_kernel``: ||x_n|| for the chunk (fast sum of squares, rescaled where it
    overflows or underflows), both norms outputs, the score s_n = rho_n, the chunk's seed
    candidate (max score, lowest index) and, when refining, the chunk's sum_n x_n (the vector
-   of a degenerate part).
+   of a degenerate part) and its largest norm.
 2. ``forward_part_kernel``, once per part k: every program reduces the chunks' candidates in
    chunk order (so all agree on the seed i_k), then one sweep over its chunk computes
    sim_kn = dot(x_n, r_k / rho_ik) / rho_n (no overflow: |r_k / rho_ik| < 1), the chunk's
    partial S_k and sum |sim_kn|, the score update and the next candidate, and, folded into
-   the same loads, the chunk's part of part k-1's weighted sum sum_n sim_{k-1,n} x_n. The
-   last part's weighted sum takes a second look at each tile right after its sims (cache).
+   the same loads, the chunk's part of part k-1's weighted sum sum_n sim_{k-1,n} x_n, each
+   part's similarities multiplied there by an exact power of two (``common.sims_scale``, from
+   the largest norm and the seed's) so that tiny features do not underflow. The last part's
+   weighted sum takes a second look at each tile right after its sims (cache).
 3. ``forward_final_kernel``: each program sums the chunks' partial weighted sums over a slice
    of the channels (chunk order) and normalises them; the last program of image b to finish
    (an integer ticket, no waiting) computes the activities ||v_k||, ranks the parts (stable,
@@ -39,6 +41,7 @@ from brnpa_triton.ops.kernels.common import (
     part_inverse,
     power_of_two_scales,
     seed_of_part,
+    sims_scale,
     sums_scale,
 )
 
@@ -118,6 +121,7 @@ def forward_norms_kernel(
     scores_ptr,  # workspace (B, 2, N): score buffer 0 <- rho
     cand_score_ptr, cand_index_ptr,  # workspace (B, K, S): slot 0 <- the chunk's candidate
     sums_ptr,  # workspace (B, K + 1, S, C): slot K <- the chunk's sum_n x_n (REFINE)
+    norm_max_ptr,  # workspace (B, S): the chunk's largest norm (REFINE)
     ticket_ptr,  # workspace (B,): reset to 0 for the final launch
     C, N, K, S, tiles_per_chunk,
     stride_xb, stride_xc, stride_xn,
@@ -134,6 +138,7 @@ def forward_norms_kernel(
     eps = acc_const(EPS_C, ACC)
     best = tl.full([], float("-inf"), ACC)
     best_index = tl.zeros([], tl.int32)
+    norm_max = tl.zeros([], ACC)
     chunk_start = s * tiles_per_chunk * BLOCK_N
     for t in range(0, tiles_per_chunk):  # one tile of positions at a time (its C loops stream X)
         offs_n = chunk_start + t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -146,7 +151,11 @@ def forward_norms_kernel(
             rho = norms + eps
             tl.store(scores_ptr + b.to(tl.int64) * 2 * N + offs_n, rho, mask=valid_n)
             best, best_index = argmax_update(rho, offs_n, valid_n, best, best_index, N)
+        if REFINE:
+            norm_max = tl.maximum(norm_max, tl.max(tl.where(valid_n, norms, 0.0), axis=0))
         tl.debug_barrier()  # this tile's partial sums are stored before the next tile reloads them
+    if REFINE:
+        tl.store(norm_max_ptr + b.to(tl.int64) * S + s, norm_max)
     if not GIVEN_SEEDS:
         slot = b.to(tl.int64) * K * S + s
         tl.store(cand_score_ptr + slot, best)
@@ -203,6 +212,8 @@ def forward_part_kernel(
     part_sums_ptr, part_abs_ptr,  # workspace (B, K, S): the chunk's sum_n sim_kn and sum_n |sim_kn|
     cand_score_ptr, cand_index_ptr,  # workspace (B, K, S): reads slot part, writes slot part + 1
     sums_ptr,  # workspace (B, K + 1, S, C): the chunks' weighted sums of parts part - 1 and, last, part
+    norm_max_ptr,  # workspace (B, S): the chunks' largest norms, from the norms launch (REFINE)
+    sims_scale_ptr,  # workspace (B, K, 2): this part's sims_scale (2^e, 2^-e) <- (REFINE); part - 1's is read
     part, C, N, K, S, tiles_per_chunk,
     stride_xb, stride_xc, stride_xn, seeds_stride_b, seeds_stride_k,
     LAYOUT: tl.constexpr, ALIGN: tl.constexpr, REFINE: tl.constexpr, GIVEN_SEEDS: tl.constexpr,
@@ -220,7 +231,8 @@ def forward_part_kernel(
     sum_scale, sum_unscale = sums_scale(N, ACC)  # partial weighted sums are kept scaled: no overflow
     seed, seed_valid, _ = seed_of_part(part, b, cand_score_ptr, cand_index_ptr, seeds_ptr, seeds_stride_b,
                                        seeds_stride_k, N, K, S, GIVEN_SEEDS, BLOCK_S, ACC)
-    rho_seed = tl.load(saved_norms_ptr + row + seed, mask=seed_valid, other=0.0) + eps
+    seed_norm = tl.load(saved_norms_ptr + row + seed, mask=seed_valid, other=0.0)
+    rho_seed = seed_norm + eps
     inv_rho_seed = one / rho_seed
     scores_in = scores_ptr + (b.to(tl.int64) * 2 + part % 2) * N
     scores_out = scores_ptr + (b.to(tl.int64) * 2 + (part + 1) % 2) * N
@@ -228,6 +240,17 @@ def forward_part_kernel(
     fold_sums = sums_ptr + ((b.to(tl.int64) * (K + 1) + part - 1) * S + s) * C
     last_sums = sums_ptr + ((b.to(tl.int64) * (K + 1) + part) * S + s) * C
     update_scores = (not GIVEN_SEEDS) & (part + 1 < K)
+    # The weighted sums multiply each part's similarities by its exact power of two
+    # (``sims_scale``), so that those of tiny features do not underflow in sim_kn x_n.
+    scales = sims_scale_ptr + b.to(tl.int64) * K * 2
+    part_scale = one
+    fold_scale = one
+    if REFINE:
+        part_scale, part_unscale = sims_scale(norm_max_ptr + b.to(tl.int64) * S, seed_norm, S, BLOCK_S, ACC)
+        pair = tl.arange(0, 2)
+        tl.store(scales + part * 2 + pair, tl.where(pair == 0, part_scale, part_unscale),
+                 mask=pair < bound_if(s == 0, 2))
+        fold_scale = tl.where(fold, tl.load(scales + tl.where(fold, part - 1, 0) * 2), one)
 
     total = tl.zeros([], ACC)
     total_abs = tl.zeros([], ACC)
@@ -239,7 +262,7 @@ def forward_part_kernel(
         valid_n = offs_n < N
         rho = tl.load(saved_norms_ptr + row + offs_n, mask=valid_n, other=0.0) + eps
         previous_sims = tl.load(sims_ptr + (row * K + (part - 1) * N) + offs_n,
-                                mask=offs_n < bound_if(fold, N), other=0.0) * sum_scale
+                                mask=offs_n < bound_if(fold, N), other=0.0) * (sum_scale * fold_scale)
         dots = _tile_seed_dots(x_b, offs_n, seed, seed_valid, inv_rho_seed, previous_sims, fold_sums, fold, t > 0,
                                C, N, stride_xc, stride_xn, LAYOUT, ALIGN, REFINE, BLOCK_C, BLOCK_N, ACC)
         sims = tl.where(valid_n, dots / rho, 0.0)
@@ -252,8 +275,8 @@ def forward_part_kernel(
         best, best_index = argmax_update(scores, offs_n, score_mask, best, best_index, N)
         if REFINE:
             if part == K - 1:
-                _tile_weighted_sum(x_b, offs_n, sims * sum_scale, last_sums, t > 0, C, N, stride_xc, stride_xn,
-                                   LAYOUT, ALIGN, BLOCK_C, ACC)
+                _tile_weighted_sum(x_b, offs_n, sims * (sum_scale * part_scale), last_sums, t > 0, C, N, stride_xc,
+                                   stride_xn, LAYOUT, ALIGN, BLOCK_C, ACC)
         tl.debug_barrier()  # this tile's partial sums are stored before the next tile reloads them
     slot = (b.to(tl.int64) * K + part) * S + s
     tl.store(part_sums_ptr + slot, total)
@@ -269,7 +292,7 @@ def forward_part_kernel(
 
 @triton.jit
 def _vectors_slice(x_b, b, s, seeds_ptr, seeds_stride_b, seeds_stride_k, cand_score_ptr, cand_index_ptr,
-                   part_sums_ptr, part_abs_ptr, sums_ptr, vectors_ws_ptr,
+                   part_sums_ptr, part_abs_ptr, sums_ptr, sims_scale_ptr, vectors_ws_ptr,
                    C, N, K, S, c_per_program, stride_c, stride_n,
                    LAYOUT: tl.constexpr, ALIGN: tl.constexpr, REFINE: tl.constexpr, GIVEN_SEEDS: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
@@ -295,7 +318,9 @@ def _vectors_slice(x_b, b, s, seeds_ptr, seeds_stride_b, seeds_stride_k, cand_sc
                     weighted += tl.load(part_sums + chunk * C + offs_c, mask=valid_c, other=0.0)
                     plain += tl.load(plain_sums + chunk * C + offs_c, mask=offs_c < bound_if(degenerate, c_stop),
                                      other=0.0)
-                v = tl.where(degenerate, plain * (sum_unscale * uniform), (weighted * inv) * sum_unscale)
+                # 2^-e / S_k: exact, and above 1 / N (S_k 2^e < N), so neither factor can overflow.
+                unscaled_inv = inv * tl.load(sims_scale_ptr + (b.to(tl.int64) * K + k) * 2 + 1)
+                v = tl.where(degenerate, plain * (sum_unscale * uniform), (weighted * unscaled_inv) * sum_unscale)
             else:
                 v = load_column(x_b, offs_c, seed, seed_valid, c_stop, stride_c, stride_n, LAYOUT, ALIGN, ACC)
             tl.store(vectors_ws_ptr + (b.to(tl.int64) * K + k) * C + offs_c, v, mask=valid_c)
@@ -378,6 +403,7 @@ def _write_ranked_outputs(x_b, b, seeds_ptr, seeds_stride_b, seeds_stride_k, can
 def forward_final_kernel(
     x_ptr, seeds_ptr,
     cand_score_ptr, cand_index_ptr, part_sums_ptr, part_abs_ptr, sims_ptr, sums_ptr,  # from the part launches
+    sims_scale_ptr,  # workspace (B, K, 2), from the part launches (REFINE)
     vectors_ws_ptr,  # workspace (B, K, C) ACC: unranked vectors
     activity_ws,  # workspace (B, K) ACC
     ticket_ptr,  # workspace (B,) int32, zeroed by the norms launch
@@ -394,7 +420,7 @@ def forward_final_kernel(
     N = from_units(N, N_ALIGN)
     x_b = image_base(x_ptr, b, stride_xb, LAYOUT, ALIGN)
     _vectors_slice(x_b, b, s, seeds_ptr, seeds_stride_b, seeds_stride_k, cand_score_ptr, cand_index_ptr,
-                   part_sums_ptr, part_abs_ptr, sums_ptr, vectors_ws_ptr, C, N, K, S, c_per_program,
+                   part_sums_ptr, part_abs_ptr, sums_ptr, sims_scale_ptr, vectors_ws_ptr, C, N, K, S, c_per_program,
                    stride_xc, stride_xn, LAYOUT, ALIGN, REFINE, GIVEN_SEEDS, BLOCK_C, BLOCK_S, ACC)
     # Every thread's stores are done before the ticket is taken (release); the image's last
     # program sees them all (acquire, and .cg loads that skip the non-coherent L1).
