@@ -35,7 +35,8 @@ def triton_interpreter_enabled() -> bool:
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can run on ``device`` in this process."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)  # torch.device(a device) does not trace on torch 2.6
     names = ["torch"]
     if triton_installed() and (device.type == "cuda" or triton_interpreter_enabled()):
         names.append("triton")

@@ -32,7 +32,7 @@ def test_backend_choice_traces_for_every_request(device):
     def choose(x):
         d = torch.device(device)
         chosen = [dispatch.resolve_backend(r, d) for r in requests]
-        available = dispatch.available_backends(d)
+        available = dispatch.available_backends(d) + dispatch.available_backends(device)  # a device or its name
         # Encode the decisions in the graph's output, so that they are compared, not just traced.
         return x + sum(c == "triton" for c in chosen) + 10 * len(available)
 
