@@ -672,8 +672,8 @@ class Collected:
 def collect(requests: list[dict], targets, *, select=None) -> Collected:
     """Build the plans of ``requests`` here and list each distinct compilation once per target.
 
-    ``select(request, launch_summary, cc) -> bool`` narrows which launches are compiled (the
-    tests compile a subset for some targets)."""
+    ``select(request, plan_label, launch_summary, cc) -> bool`` narrows which launches are
+    compiled (the tests compile a subset)."""
     source, source_name = plan_source()
     plans, jobs = {}, {}
     for request in requests:
@@ -684,7 +684,7 @@ def collect(requests: list[dict], targets, *, select=None) -> Collected:
                 row = launch_summary(launch)
                 row["compiled"] = {}
                 for cc in targets:
-                    if select is not None and not select(request, row, cc):
+                    if select is not None and not select(request, label, row, cc):
                         continue
                     key = compile_key(launch, cc)
                     jobs.setdefault(key, {"request": request, "entry": e, "launch": li, "cc": cc})

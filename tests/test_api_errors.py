@@ -75,7 +75,7 @@ def test_bad_input_raises_clear_error(call, error, message):
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr("brnpa_triton.dispatch.TRITON_INTERPRETER", False)  # read once, at import
     with pytest.raises(RuntimeError, match="backend='triton' runs on CUDA tensors.*TRITON_INTERPRET=1"):
         bt.brnpa(F, backend="triton")
 

@@ -1,11 +1,10 @@
 """The kernels compiled with no GPU (``bench.kernels``): resources and SASS structure.
 
-Every launch of the launch plans is compiled for sm_90: every entry of ``plan_variants()``
-and the plans at the benchmark shapes (fp32 and bf16, NCHW and channels_last, H100 plan).
-To bound CI time, sm_80 and sm_89 compile a subset: the launches of the benchmark-shape plans
-(the A100 plan for sm_80, the H100 plan for sm_89). Compilation runs once per test session, in
-two child processes with TRITON_INTERPRET=0 (this process runs the interpreter, under which
-kernels cannot be compiled).
+Each run compiles a representative subset of the launch plans for sm_90, sm_80 and sm_89 (see
+SUBSET_VARIANTS); ``pytest -m full_compile tests/test_bench_kernels.py`` compiles every plan
+variant for all three targets and the plans at the benchmark shapes (hours on 2 CPU cores).
+Compilation runs once per test session and set, in two child processes with TRITON_INTERPRET=0
+(this process runs the interpreter, under which kernels cannot be compiled).
 
 The structure tests (no barrier in the loops that stream X, loads of X as wide as the rows'
 alignment allows, at least 2 programs per SM on an H100) are targets of the launch plans of
@@ -171,17 +170,60 @@ def test_layout_strides():
 
 # ---- compiled kernels ------------------------------------------------------------------------
 
-SUBSET_PLAN = {80: "A100", 89: "H100"}  # sm_80/sm_89 compile the benchmark plans of these cards
-def _select(request, row, cc) -> bool:
-    if cc == 90:
-        return request["kind"] == "variants" or request["card"] == "H100"
-    return request["kind"] != "variants" and request["card"] == SUBSET_PLAN[cc]
+# Every run compiles a representative subset; `-m full_compile` compiles the full set (hours on
+# 2 CPU cores): every plan variant for every target, and the benchmark plans (the H100 plan for
+# sm_90 and sm_89, the A100 plan for sm_80). The subset, per target: the plan variants with every
+# flag on (refinement, ranking; all four gradients, K=3) whose launches come closest to spilling,
+# float64 channels_last (its forward part kernel holds ~250 of 255 registers on sm_90), and on
+# sm_90 one 16-bit benchmark shape's H100 plan (for the structure tests below).
+SUBSET_VARIANTS = {
+    90: ("fp64 channels_last N=196",),
+    80: ("fp64 channels_last N=196",),
+    89: ("fp64 channels_last N=196",),
+}
+SUBSET_FLAGS = ("refine=True given_seeds=False by_activity=True", "refine=True K=3 grads=1111")
+SUBSET_BENCH = {"B": 32, "C": 2048, "H": 14, "W": 14, "dtype": "bf16", "layout": "nchw", "card": "H100"}
+BENCH_PLAN = {80: "A100", 89: "H100", 90: "H100"}
 
 
-@pytest.fixture(scope="session")
-def compiled():
+def _variant_labels():
+    from brnpa_triton.ops import triton_impl
+
+    return [label for label, _ in triton_impl.plan_variants()]
+
+
+def _subset_labels(cc) -> set[str]:
+    labels = _variant_labels()
+    chosen = {
+        label for label in labels for case in SUBSET_VARIANTS[cc] for flags in SUBSET_FLAGS
+        for direction in ("forward", "backward") if label == f"{direction} {case} {flags}"
+    }
+    assert len(chosen) == 2 * len(SUBSET_VARIANTS[cc]), f"subset for sm_{cc} matches no plan variant: {chosen}"
+    return chosen
+
+
+def _select_full(request, label, row, cc) -> bool:
+    return request["kind"] == "variants" or request["card"] == BENCH_PLAN[cc]
+
+
+def _selector(full: bool):
+    if full:
+        return _select_full
+    labels = {cc: _subset_labels(cc) for cc in SUBSET_VARIANTS}
+
+    def select(request, label, row, cc) -> bool:
+        if request["kind"] == "variants":
+            return label in labels[cc]
+        return cc == 90 and all(request[k] == v for k, v in SUBSET_BENCH.items())
+
+    return select
+
+
+@pytest.fixture(scope="session", params=["subset", pytest.param("full", marks=pytest.mark.full_compile)])
+def compiled(request):
     pytest.importorskip("triton")
-    col = bk.collect([{"kind": "variants"}] + bk.bench_requests(), (90, 80, 89), select=_select)
+    select = _selector(request.param == "full")
+    col = bk.collect([{"kind": "variants"}] + bk.bench_requests(), (90, 80, 89), select=select)
     return col, bk.compile_collected(col, workers=2)
 
 

@@ -310,7 +310,7 @@ def test_func_grad_and_vmap():
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors only")
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr("brnpa_triton.dispatch.TRITON_INTERPRETER", False)  # read once, at import
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         brnpa_triton.brnpa(torch.rand(1, 2, 3, 3), 2, backend="triton")
 
