@@ -12,4 +12,4 @@ bash scripts/setup.sh test
 if [ $# -eq 0 ]; then
   ruff check .  # lint and import order (pyproject.toml [tool.ruff])
 fi
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"

@@ -127,7 +127,7 @@ def test_ops_name_the_backend_and_what_triton_needs(monkeypatch):
     with pytest.raises(ValueError, match=r"backend must be one of 'torch', 'triton'; got 'cuda'"):
         _backward(x, args, "cuda")
     # CPU tensors and no interpreter: the ops say so before any kernel is launched.
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr("brnpa_triton.dispatch.TRITON_INTERPRETER", False)
     for call in (lambda: brnpa_forward(x, 2, True, NO_SEEDS.cpu(), False, "triton"),
                  lambda: _backward(x, args, "triton")):
         with pytest.raises(RuntimeError, match=r"backend='triton' runs on CUDA tensors.*TRITON_INTERPRET=1"):

@@ -164,7 +164,7 @@ def test_end_to_end_on_cpu_writes_the_json_and_prints_the_table_last(tmp_path, c
 
 
 def test_ours_is_skipped_with_the_reason_where_the_triton_backend_cannot_run(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU without the interpreter
+    monkeypatch.setattr("brnpa_triton.dispatch.TRITON_INTERPRETER", False)  # a CPU without the interpreter
     cfg = gpu.Config([], device="cpu", providers=("ours",), backend="triton", repeats=gpu.QUICK_REPEATS)
     row = gpu.measure_problem(gpu.Problem(1, 8, 4, 4, 2, "float32", "nchw"), cfg, gpu.Budget(60), gpu.SetupEstimates(),
                               None)

@@ -129,7 +129,9 @@ def cam_options(method: str) -> dict:
         masks = baselines.rise_masks(24, (SIZE, SIZE), grid=3, generator=torch.Generator().manual_seed(3))
         return dict(masks=masks)
     if method == "scorecam":
-        return dict(batch_size=5)  # several batches of masked images
+        # Several batches of masked images. Unrectified: the weights are increases over the blank
+        # image, and on this untrained model a class's rectified map can be all zero.
+        return dict(batch_size=5, relu=False)
     return {}
 
 

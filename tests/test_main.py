@@ -36,7 +36,7 @@ def test_self_check_runs_passes_and_names_triton():
 
 def test_self_check_says_why_triton_is_skipped_when_it_is_not_installed(monkeypatch, capsys):
     monkeypatch.setattr(cli, "triton_installed", lambda: False)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr("brnpa_triton.dispatch.TRITON_INTERPRETER", False)
     assert cli.self_check() == 0
     out = capsys.readouterr().out
     assert "triton is not installed (pip install 'brnpa-triton[triton]'" in out.splitlines()[0]
