@@ -6,9 +6,11 @@ Everything works on ``x`` of shape (B, C, N) with whatever strides the caller's 
 permuted or copied; float16/bfloat16 inputs are upcast to float32 a block at a time.
 
 Forward: one pass for the norms, one dot-product pass per part, one pass for all refined
-vectors. Norms and seed dot products reduce every column over C in the same order, so
+vectors. Norms and seed dot products round every column alike whatever its position, so
 bitwise-identical columns get identical scores (ties then go to the lowest position), and
-they are computed scaled, so that no finite input whose norms are finite overflows.
+they are computed scaled, so that no finite input whose norms are finite overflows. On CPU
+the seed dot products are matrix products where ``blas_ties`` has checked that the BLAS
+rounds every column alike for that problem, and fixed-order multiply-adds elsewhere.
 The blocking of the passes is per device (``Plan``): cache-sized on CPU; a few large blocks and
 no host synchronisation elsewhere, so that a CUDA graph can capture a forward and backward.
 Backward: the spec's closed form in four passes over X whatever K is; nothing of size
@@ -17,10 +19,12 @@ Backward: the spec's closed form in four passes over X whatever K is; nothing of
 
 from __future__ import annotations
 
+import glob
 from typing import NamedTuple
 
 import torch
 
+from brnpa_triton.ops.blas_ties import DOT_ROWS, columns_round_alike, rows_times
 from brnpa_triton.ops.common import (
     DEGENERATE_SUM_RATIO,
     EPS,
@@ -33,17 +37,20 @@ from brnpa_triton.ops.hugepages import empty_like_hugepages
 
 
 def _gather_positions(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """x (B, C, N), indices (B, K) -> the feature vectors at those positions, (B, K, C)."""
-    B, C, _ = x.shape
-    return x.gather(2, indices[:, None, :].expand(B, C, -1)).transpose(1, 2)
+    """x (B, C, N), indices (B, K) -> the feature vectors at those positions, (B, K, C).
+    (Advanced indexing: 47 us against 136 us for ``gather`` at (8, 2048, 784), 2 threads.)"""
+    images = torch.arange(x.shape[0], device=x.device)[:, None]
+    return x[images, :, indices]
 
 
 # How a pass over X is cut into blocks, per device (see ``Plan``). The CPU plan's sizes:
 # float16/bfloat16 features are upcast to float32 a block of positions at a time, each block
 # at most this: a small fraction of any large input.
 BLOCK_BYTES = 4 << 20
-# The per-column accumulators of a pass over NCHW-like x: small enough to stay in cache.
-ACCUMULATOR_BYTES = 512 << 10
+# The per-column accumulators of a pass over NCHW-like x: small enough to stay in cache, large
+# enough that few calls do the pass (at (8, 2048, 784) float32 on a 2-core Xeon, 24-32 rows took
+# 2.7 / 1.7 ms at 1 / 2 threads; 16 rows 2.7 / 2.2, 64 rows 4.0 / 2.1).
+ACCUMULATOR_BYTES = 768 << 10
 # The product temporaries of a pass over channels_last / tokens x.
 DOT_BLOCK_BYTES = 1 << 20
 # A GPU's launches cost far more than its cache misses: there every pass over X is cut into at
@@ -136,11 +143,23 @@ def _column_dots(
         return out
     total = workspace.zero_()
     rows = total.shape[1]
-    for lo in range(0, C, rows):
-        block = x[:, lo : lo + rows]
-        other = block if weights is None else weights[:, lo : lo + rows, None]
-        total[:, : block.shape[1]].addcmul_(block, other)  # computed in acc: the products are exact
+    others = x.split(rows, 1) if weights is None else weights[:, :, None].split(rows, 1)
+    for block, other in zip(x.split(rows, 1), others, strict=True):
+        part = total if block.shape[1] == rows else total[:, : block.shape[1]]
+        part.addcmul_(block, other)  # computed in acc: the products are exact
     return _sum_rows(total)
+
+
+def _seed_dots(
+    x: torch.Tensor, direction: torch.Tensor, acc: torch.dtype, workspace: torch.Tensor, blas: bool
+) -> torch.Tensor:
+    """sum_c x_cn d_c for x (B, C, N), direction d (B, C), as (B, N) in ``acc``. ``blas``
+    (``columns_round_alike(x)``): one matrix product, which rounds every column alike on this
+    machine and this problem; otherwise ``_column_dots``, which does so by construction."""
+    if not blas:
+        return _column_dots(x, direction, acc, workspace)
+    B, C, _ = x.shape
+    return rows_times(x, direction[:, None, :].expand(B, DOT_ROWS, C).contiguous())[:, 0]
 
 
 def _c_contiguous(x: torch.Tensor) -> bool:
@@ -252,11 +271,10 @@ def _position_slices(x: torch.Tensor, acc: torch.dtype, plan: Plan) -> list[slic
 def _weighted_sums(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_n weights_kn x_n for x (B, C, N), weights (B, K, N): (B, K, C) contiguous, one pass.
 
-    The product is oriented so that BLAS streams X along its contiguous dim (measured ~2x
-    faster at 1 thread for NCHW than the (B,K,N) @ (B,N,C) form).
+    (B, K, N) @ (B, N, C) in every layout: with MKL on a 2-core Xeon, at (8, 2048, 28x28)
+    float32 NCHW, K = 3, it took 1.9 ms against 5.1 ms for (B, C, N) @ (B, N, K) at 1 thread,
+    and 2.4 ms against 7.5 ms for channels_last.
     """
-    if x.stride(2) == 1:
-        return torch.bmm(x, weights.transpose(1, 2)).transpose(1, 2).contiguous()
     return torch.bmm(weights, x.transpose(1, 2))
 
 
@@ -269,10 +287,28 @@ def _weighted_sums_blocked(x: torch.Tensor, weights: torch.Tensor, acc: torch.dt
     return total
 
 
+def _last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """The largest CPU cache's size (Linux sysfs), or ``default`` where it cannot be read."""
+    sizes = []
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(index) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=default)
+
+
 # On CPU the batch is processed a few images at a time, so that each chunk of X stays in the
 # last-level cache across its passes and only the first pass reads DRAM (at (8, 2048, 28x28)
-# on a 2-core AMD EPYC: forward 8.4 -> ~7.3 ms).
-CACHE_CHUNK_BYTES = 16 << 20
+# on a 2-core AMD EPYC with 16 MB chunks: forward 8.4 -> ~7.3 ms). Where the cache holds the
+# whole batch, chunks only add calls (2-core Xeon, 260 MB L3: 20.9 ms in 2-image chunks, 14.1 ms
+# in one, at 1 thread).
+CACHE_CHUNK_BYTES = _last_level_cache_bytes() // 2
 
 
 def _batch_chunks(x: torch.Tensor, plan: Plan) -> list[slice]:
@@ -312,6 +348,7 @@ def _forward_images(
     K = num_parts
     acc = accumulation_dtype(x.dtype)
     workspace = _workspace(x, acc, plan)
+    blas = plan.cpu and columns_round_alike(x)
     norms = _norms(x, acc, workspace, plan)
     rho = norms + EPS
     score = rho
@@ -322,11 +359,11 @@ def _forward_images(
         # is done for all parts at once below (the loop's ops are small and their count shows).
         idx = score.argmax(dim=1) if seed_indices is None else seed_indices[:, k]
         chosen.append(idx)
-        seed = x.gather(2, idx[:, None, None].expand(B, C, 1)).squeeze(2).to(acc)  # (B, C)
+        seed = _gather_positions(x, idx[:, None])[:, 0].to(acc)  # (B, C)
         # sim = x_n . (r / rho_i) / rho_n: every product is at most |x_cn| and every partial
         # sum at most ||x_n||, so nothing overflows where the norms do not.
         direction = seed / rho.gather(1, idx[:, None])
-        sim = torch.div(_column_dots(x, direction, acc, workspace), rho, out=sims[:, k])
+        sim = torch.div(_seed_dots(x, direction, acc, workspace, blas), rho, out=sims[:, k])
         if seed_indices is None:
             score = score.addcmul(score, sim, value=-1.0)  # s * (1 - sim)
     indices = torch.stack(chosen, 1)
