@@ -9,6 +9,7 @@ median and the min-max of the ratios and of the times, with the load average bef
 
     python -m bench.cpu_ratio                       # threads 1,2; 5 repeats of 1 s per row
     python -m bench.cpu_ratio --threads 1 --repeats 7 --budget 2
+    python -m bench.cpu_ratio --out bench/results   # also writes cpu-ratio.{json,md} there
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 
 import torch
 
+from bench.environment import environment
 from bench.presets import FOUNDATION_SHAPE
 from bench.providers import PROVIDERS, Case
 from bench.runner import _mode_callable
@@ -81,21 +83,43 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--threads", default="1,2", help="comma list of torch thread counts")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget", type=float, default=1.0, help="timing seconds per row per repeat")
+    ap.add_argument("--out", default=None, help="folder for cpu-ratio.json and cpu-ratio.md (default: print only)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(measure(int(args.threads), args.repeats, args.budget)))
         return []
-    results = []
-    print(f"[cpu_ratio] B,C,H,W,K = {FOUNDATION_SHAPE}, float32, torch {torch.__version__}")
+    results, lines = [], []
+    header = f"[cpu_ratio] B,C,H,W,K = {FOUNDATION_SHAPE}, float32, torch {torch.__version__}"
+    print(header)
     for threads in (int(t) for t in args.threads.split(",")):
         cmd = [sys.executable, "-m", "bench.cpu_ratio", "--child", "--threads", str(threads),
                "--repeats", str(args.repeats), "--budget", str(args.budget)]
         done = subprocess.run(cmd, check=True, capture_output=True, text=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         results.append(result)
+        lines += summarise(result)
         print("\n".join(summarise(result)), flush=True)
+    if args.out:
+        write(args.out, results, [header, *lines], vars(args))
     return results
+
+
+def write(folder: str, results: list[dict], lines: list[str], options: dict) -> None:
+    """cpu-ratio.json (every repeat's times, the environment) and cpu-ratio.md (the summary)."""
+    os.makedirs(folder, exist_ok=True)
+    env = environment("cpu")
+    record = {"shape": FOUNDATION_SHAPE, "dtype": "float32", "targets": TARGETS, "options": options,
+              "environment": env, "results": results}
+    with open(os.path.join(folder, "cpu-ratio.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    with open(os.path.join(folder, "cpu-ratio.md"), "w") as f:
+        f.write(f"# brnpa-torch against torch.compile on CPU ({env['device_name']}, {env['cpu_count']} CPUs)\n\n")
+        f.write(f"`python -m bench.cpu_ratio --threads {options['threads']} --repeats {options['repeats']} "
+                f"--budget {options['budget']}` at commit {env['git_commit']}"
+                f"{' (with uncommitted changes)' if env['git_dirty'] else ''}. Times in ms: median (min-max) "
+                "over the repeats; a repeat's ratio is time(compiled) / time(brnpa-torch) of that repeat.\n\n")
+        f.write("```\n" + "\n".join(lines) + "\n```\n")
 
 
 if __name__ == "__main__":

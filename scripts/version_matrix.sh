@@ -18,7 +18,7 @@ UV_VERSION=0.13.9
 TORCH_PATH_TESTS=(
   tests/test_api_degenerate.py tests/test_api_errors.py tests/test_api_invariants.py tests/test_api_numerics.py
   tests/test_api_views.py tests/test_autograd.py tests/test_torch_impl.py tests/test_torch_impl_memory.py
-  tests/test_validation.py tests/test_nn.py tests/test_trace_device_decisions.py
+  tests/test_validation.py tests/test_nn.py tests/test_trace_device_decisions.py tests/test_blas_ties.py
 )
 
 phase="${1:-all}"

@@ -179,3 +179,19 @@ def test_host_benchmark_times_the_launchers_without_launching(tmp_path):
     for direction in ("forward", "backward"):
         t = rows[0][direction]
         assert 0 < t["min_us"] <= t["median_us"] <= t["max_us"]
+
+
+def test_cpu_ratio_summarises_and_writes_each_repeat(tmp_path):
+    from bench import cpu_ratio
+
+    times = {"brnpa-torch|forward": [10.0, 12.0, 11.0], "compiled|forward": [13.0, 12.0, 14.3],
+             "brnpa-torch|fwd+bwd": [20.0, 21.0, 22.0], "compiled|fwd+bwd": [100.0, 80.0, 110.0]}
+    result = {"threads": 2, "load_start": "0.10 0.20 0.30", "load_end": "0.40 0.50 0.60", "times": times}
+    lines = cpu_ratio.summarise(result)
+    # forward ratios 1.3, 1.0, 1.3: median 1.3 meets 1.2; fwd+bwd ratios 5, 3.81, 5: median 5 meets 4
+    assert "ratio compiled/torch 1.3 (1-1.3) over 3 repeats (target >= 1.2x: met)" in lines[1]
+    assert "(target >= 4.0x: met)" in lines[2]
+    cpu_ratio.write(str(tmp_path), [result], ["header", *lines], {"threads": "2", "repeats": 3, "budget": 1.0})
+    record = json.loads((tmp_path / "cpu-ratio.json").read_text())
+    assert record["results"][0]["times"] == times and record["targets"] == cpu_ratio.TARGETS
+    assert lines[1] in (tmp_path / "cpu-ratio.md").read_text()

@@ -65,7 +65,8 @@ class Plan(NamedTuple):
     out-of-range norms recomputed on the columns that need it (finding them reads a count back
     to the host, which costs nothing on CPU). Otherwise: a few large blocks per pass and
     branch-free scaled norms, so that nothing waits for the host (CUDA graphs, torch.compile).
-    Both reduce every column over C in the same order whatever its position.
+    Both round every column alike whatever its position (on CPU the seed dot products may be
+    matrix products: see ``blas_ties``).
     """
 
     cpu: bool
@@ -123,12 +124,12 @@ def _column_dots(
     ``workspace`` is ``_workspace(x, acc, plan)``: its size sets the blocks.
 
     Every column is reduced over C in the same order whatever its position, so bitwise-identical
-    columns get bitwise-identical results. A matrix product would not do: BLAS rounds a column
-    according to where it falls in its blocking, and so does ``sum`` over a non-contiguous dim
-    (vector lanes and a row's tail round differently). Where C is contiguous (channels_last,
-    tokens), each column is one contiguous reduction; otherwise (NCHW) G rows of elementwise
-    multiply-adds accumulate channels c = g, g + G, ..., and each column's G sums are then
-    reduced contiguously.
+    columns get bitwise-identical results. A matrix product need not: a BLAS may round a column
+    according to where it falls in its blocking (``blas_ties`` checks where it does not), and so
+    does ``sum`` over a non-contiguous dim (vector lanes and a row's tail round differently).
+    Where C is contiguous (channels_last, tokens), each column is one contiguous reduction;
+    otherwise (NCHW) G rows of elementwise multiply-adds accumulate channels c = g, g + G, ...,
+    and each column's G sums are then reduced contiguously.
     """
     B, C, N = x.shape
     if _c_contiguous(x):
