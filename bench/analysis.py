@@ -9,13 +9,16 @@ import math
 from bench.presets import FOUNDATION
 from bench.providers import PRIMARY_ORDER
 
+# How many times faster than torch.compile of the eager code the library must be on CPU, per mode
+# (bench.cpu_ratio measures exactly these, with their spread).
+COMPILED_TARGETS = {"forward": 1.2, "fwd+bwd": 4.0}
 # The library's targets at the foundation problem:
 # (name, mode, metric, other provider, threshold on metric(other) / metric(library)).
 TARGETS = [
     ("forward: >= 10x faster than eager", "forward", "time", "eager", 10.0),
-    ("forward: no slower than 1.25x compiled", "forward", "time", "compiled", 1 / 1.25),
+    ("forward: >= 1.2x faster than compiled", "forward", "time", "compiled", COMPILED_TARGETS["forward"]),
     ("fwd+bwd: >= 10x faster than eager", "fwd+bwd", "time", "eager", 10.0),
-    ("fwd+bwd: >= 4x faster than compiled", "fwd+bwd", "time", "compiled", 4.0),
+    ("fwd+bwd: >= 4x faster than compiled", "fwd+bwd", "time", "compiled", COMPILED_TARGETS["fwd+bwd"]),
     ("fwd+bwd peak memory <= half of eager's", "fwd+bwd", "memory", "eager", 2.0),
 ]
 

@@ -61,6 +61,7 @@ def test_eager_materialises_bnc_products():
     peak = timing.peak_memory_cpu(lambda: brnpa_eager(x, case.K))
     assert peak >= case.x_bytes
     lib = PROVIDERS["brnpa-torch"].build(case).fn
+    lib(x)  # the first call per problem size also checks the BLAS once (blas_ties), on x's size
     assert timing.peak_memory_cpu(lambda: lib(x)) < case.x_bytes
 
 
