@@ -134,3 +134,15 @@ def test_cache_chunking_gives_the_same_values_and_gradients(p):
         torch_impl.CACHE_CHUNK_BYTES = saved
     for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_last_level_cache_size_is_read_from_sysfs_or_defaults(monkeypatch, tmp_path):
+    from brnpa_triton.ops import torch_impl
+
+    sizes = {"index0": "48K", "index2": "2048K", "index3": "266240K", "index4": "n/a"}
+    for name, text in sizes.items():
+        (tmp_path / name).write_text(text + "\n")
+    monkeypatch.setattr(torch_impl.glob, "glob", lambda pattern: [str(tmp_path / n) for n in sizes])
+    assert torch_impl._last_level_cache_bytes() == 266240 << 10
+    monkeypatch.setattr(torch_impl.glob, "glob", lambda pattern: [str(tmp_path / "missing")])
+    assert torch_impl._last_level_cache_bytes(default=123) == 123
