@@ -144,8 +144,9 @@ def _column_dots(
         return out
     total = workspace.zero_()
     rows = total.shape[1]
-    others = x.split(rows, 1) if weights is None else weights[:, :, None].split(rows, 1)
-    for block, other in zip(x.split(rows, 1), others, strict=True):
+    blocks = x.split(rows, 1)
+    others = blocks if weights is None else weights[:, :, None].split(rows, 1)
+    for block, other in zip(blocks, others, strict=True):
         part = total if block.shape[1] == rows else total[:, : block.shape[1]]
         part.addcmul_(block, other)  # computed in acc: the products are exact
     return _sum_rows(total)
