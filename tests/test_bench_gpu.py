@@ -236,17 +236,22 @@ def test_gpu_check_sh_runs_gpu_tests_first_then_the_bench_in_the_time_left(tmp_p
     result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
                             cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    pytest_call, bench_call = (line.split() for line in calls.read_text().splitlines()[1:3])
+    pytest_call, bench_call, torch_call = (line.split() for line in calls.read_text().splitlines()[1:4])
     files = [a for a in pytest_call if a.startswith("tests/")]
     assert not {"tests/test_bench_kernels.py", "tests/test_bench_gpu.py"} & set(files)
     assert "tests/test_triton_kernels.py" in files and "tests/test_api_views.py" in files
     cuda_files = [f for f in files if "cuda" in (ROOT / f).read_text().lower()]
     assert files[:len(cuda_files)] == cuda_files  # the GPU files first
     budget = int(bench_call[bench_call.index("--budget") + 1])
-    assert 200 <= budget <= 300 - 40 and bench_call[bench_call.index("--out") + 1] == str(tmp_path / "out")
+    assert 150 <= budget <= 300 - 40 - 60 and bench_call[bench_call.index("--out") + 1] == str(tmp_path / "out")
+    # then the torch backend on CUDA against the uncompiled eager code, in its own folder
+    assert torch_call[torch_call.index("--backend") + 1] == "torch" and "--quick" in torch_call
+    assert torch_call[torch_call.index("--providers") + 1] == "ours,eager"
+    assert torch_call[torch_call.index("--out") + 1] == str(tmp_path / "out" / "torch-backend")
+    assert (tmp_path / "out" / "torch-backend" / "gpu-cpu.json").exists()
     lines = result.stdout.strip().splitlines()
     summary = next(i for i, line in enumerate(lines) if line.startswith("== gpu_check: pytest rc"))
-    assert "pytest rc 0: 7 passed in 1.00s; bench.gpu rc 0" in lines[summary]
+    assert "pytest rc 0: 7 passed in 1.00s; bench.gpu rc 0; torch backend rc 0" in lines[summary]
     assert lines[summary + 1].startswith("== bench.gpu on")
     assert lines[-1] == "skipped: 4 (see the .md)"  # 2 dtypes x 2 layouts
     assert (tmp_path / "out" / "gpu_check-pytest.log").exists() and (tmp_path / "out" / "gpu-cpu.json").exists()
