@@ -13,6 +13,7 @@ import torch
 from brnpa_triton.ops import blas_ties, torch_impl
 from brnpa_triton.testing import duplicate_groups, features_in_layout, random_features
 from tests.helpers import reference
+from tests.test_api_numerics import _assert_identical_where_duplicated
 
 LAYOUTS = ("nchw", "channels_last", "tokens")
 # (B, C, H, W): C * N well above PyTorch's small-matrix threshold (400), N with odd tails.
@@ -36,7 +37,6 @@ def _with_ties(B, C, H, W, dtype, seed):
 
 
 def _forward(f, layout, K=3):
-    B, C, H, W = f.shape
     x = features_in_layout(f, layout)
     x = x.flatten(2) if layout != "tokens" else x.transpose(1, 2)  # (B, C, N) views
     return x, torch_impl.forward(x, K, True)
@@ -45,9 +45,7 @@ def _forward(f, layout, K=3):
 def _assert_ties_hold(f, out, what):
     groups = duplicate_groups(f)
     for name in ("norms", "maps"):
-        values = getattr(out, name)
-        expected = values.gather(-1, groups.view(groups.shape[0], *([1] * (values.dim() - 2)), -1).expand_as(values))
-        assert torch.equal(values, expected), f"{what}: {name} differ between bitwise-identical columns"
+        _assert_identical_where_duplicated(getattr(out, name), groups, f"{what}: {name}")
     assert torch.equal(out.indices, groups.gather(1, out.indices)), f"{what}: a seed has an identical lower column"
 
 

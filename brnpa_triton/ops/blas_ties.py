@@ -4,11 +4,11 @@ The CPU forward computes its seed dot products as ``torch.bmm(directions, x)``: 
 (8, 2048, 28x28) float32 on a 2-core Xeon, 1 thread, 2.1 ms per part against 4.4 ms for the
 elementwise multiply-adds that reduce every column in one order by construction. BR-NPA's tie
 rule needs that property: bitwise-identical columns must get bitwise-identical similarities
-wherever they sit. A BLAS may round a column according to where it falls in its blocking (matrix-vector
-kernels and edge tiles do), so the property is checked, never assumed: once per (dtype, layout,
-C, N, batch of one or more, thread count), a product of random rows with a matrix whose N
-columns all hold one random column must give N identical values in every row. Where it does
-not, the caller keeps the fixed-order reduction.
+wherever they sit. A BLAS may round a column according to where it falls in its blocking
+(matrix-vector kernels and edge tiles do), so the property is checked, never assumed: once per
+(dtype, layout, C, N, batch of one or more, thread count), a product of random rows with a
+matrix whose N columns all hold one random column must give N identical values in every row.
+Where it does not, the caller keeps the fixed-order reduction.
 
 The check is exact for the call it stands for: a BLAS's sequence of operations per output
 depends on the shapes, strides and threads, never on the values, so a column that rounds like
